@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo findings lint clean
 
 venv: $(VENV)/.ready
 
@@ -24,9 +24,13 @@ test: venv
 demo: venv
 	$(BIN)/headlab demo
 
+# docs/findings.md from runs on the default model (resumes; FINDINGS_ARGS=--with-gates adds ~50 min)
+findings: venv
+	$(BIN)/python scripts/findings.py $(FINDINGS_ARGS)
+
 lint: venv
 	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff format --check src tests bench scripts
 
 clean:
 	rm -rf $(VENV)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, parse_heads
 from headlab.cli.common import status as status_printer
-from headlab.cli.prune import add_stats_args, load_parts, open_run, prepared_inputs, run_stats
+from headlab.cli.shared import add_stats_args, load_parts, open_run, prepared_inputs, run_stats
 from headlab.errors import ConfigError
 
 NAME = "cascade"

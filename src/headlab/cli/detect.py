@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list
-from headlab.cli.prune import open_run, prepared_inputs
+from headlab.cli.shared import open_run, prepared_inputs
 from headlab.errors import ConfigError
 
 NAME = "detect"

@@ -1,28 +1,26 @@
-"""``headlab prune``: pruning curves (fraction of heads or attention neurons ablated vs damage).
-
-Also holds the small job helpers that ``cascade``, ``shift`` and ``detect`` share: opening a run
-directory for prepared inputs, statistics kept in the run directory, and a sweep either read from
-an earlier ``headlab sweep`` run (checked to be on the same model and data) or computed and saved
-part by part.
-"""
+"""``headlab prune``: pruning curves (fraction of heads or attention neurons ablated vs damage)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, data_kwargs
+from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list
 from headlab.cli.common import status as status_printer
+from headlab.cli.shared import (
+    add_stats_args,
+    float_list,
+    int_list,
+    load_parts,
+    load_sweep,
+    open_run,
+    prepared_inputs,
+    run_stats,
+    saved_sweep,
+)
 from headlab.errors import ConfigError
-from headlab.jobs import Inputs, Prepared, prepare
-from headlab.runs import RunDir
-from headlab.stats import Stats, StatsConfig, collect_stats
 
 NAME = "prune"
 HELP = (
@@ -30,142 +28,6 @@ HELP = (
     "the same nested masks, in random, sweep or re-ranked order; reports the largest fraction "
     "removable within a tolerance."
 )
-
-
-# --- shared job helpers ------------------------------------------------------------------------
-
-
-def prepared_inputs(args: argparse.Namespace, **overrides: Any) -> Prepared:
-    """Load the model and data named by the shared CLI options."""
-    kw = {**data_kwargs(args), **overrides}
-    return prepare(Inputs(**kw), on_status=status_printer(args))
-
-
-def open_run(
-    args: argparse.Namespace, kind: str, prepared: Prepared, extra: dict[str, Any]
-) -> RunDir:
-    """Open (or resume) ``args.out`` for a ``kind`` run of ``prepared`` with options ``extra``."""
-    identity = {**prepared.identity(), **extra}
-    run = RunDir.open(
-        args.out, kind=kind, identity=identity, command=["headlab", *sys.argv[1:]], force=args.force
-    )
-    if not run.file("tokens.safetensors").is_file():
-        run.save_tokens(prepared.eval)
-    return run
-
-
-def run_stats(
-    run: RunDir,
-    prepared: Prepared,
-    *,
-    bins: int,
-    reservoir: int,
-    seed: int,
-    batch_size: int,
-    on_status: Callable[[str], None] | None = None,
-) -> Stats:
-    """The run's activation statistics: loaded from the run directory, else collected and saved."""
-    path = run.file("stats.safetensors")
-    if path.is_file():
-        return Stats.load(path, model=prepared.model)
-    if on_status:
-        on_status(f"collecting statistics on {len(prepared.stats_batch)} inputs")
-    config = StatsConfig(bins=bins, reservoir=min(reservoir, len(prepared.stats_batch)), seed=seed)
-    stats = collect_stats(
-        prepared.model, prepared.stats_batch, config=config, batch_size=batch_size
-    )
-    stats.save(path)
-    return stats
-
-
-def load_sweep(path: str | Path, prepared: Prepared) -> tuple[pd.DataFrame, bool]:
-    """The table of a finished ``headlab sweep`` run directory and whether it was measured on
-    exactly this command's evaluation blocks (``False``: other blocks of the same data, i.e. a
-    held-out ranking). Refused unless it was run on this model and the same data (corpus or task,
-    text field and block length)."""
-    folder = Path(path)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file() or not (folder / "results.parquet").is_file():
-        raise ConfigError(
-            f"--sweep {folder} is not a finished headlab sweep run directory (no manifest.json "
-            "and results.parquet); run `headlab sweep --out DIR` first or omit --sweep"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("kind") != "sweep":
-        raise ConfigError(f"--sweep {folder} holds a {manifest.get('kind')!r} run, not a sweep")
-    theirs, mine = manifest.get("identity", {}), prepared.identity()
-    if theirs.get("model_fingerprint") != mine["model_fingerprint"]:
-        raise ConfigError(
-            f"--sweep {folder} was run on a different model than this command; sweep this "
-            "--model (or omit --sweep to compute a sweep here)"
-        )
-    for key in ("data", "task", "text_field", "seq_len"):
-        if theirs.get(key) != mine.get(key):
-            raise ConfigError(
-                f"--sweep {folder} was run on different data ({key}: {theirs.get(key)!r}, here "
-                f"{mine.get(key)!r}); sweep the same --data/--task and --seq-len, or omit --sweep"
-            )
-    same = theirs.get("eval_fingerprint") == mine["eval_fingerprint"]
-    return pd.read_parquet(folder / "results.parquet"), same
-
-
-def saved_sweep(
-    run: RunDir,
-    prepared: Prepared,
-    *,
-    methods: Sequence[str],
-    metrics: Sequence[str],
-    stats: Stats,
-    batch_size: int,
-) -> pd.DataFrame:
-    """A single-head sweep computed inside ``run`` (parts ``sweep-*``, resumable)."""
-    from headlab.analyses.sweep import sweep_parts, tidy
-
-    done = {k[len("sweep-") :] for k in run.done_parts() if k.startswith("sweep-")}
-    for part in sweep_parts(
-        prepared.model,
-        prepared.eval,
-        methods=list(methods),
-        metrics=list(metrics),
-        stats=stats,
-        batch_size=batch_size,
-        skip=done,
-        layout=prepared.layout,
-    ):
-        run.save_part(f"sweep-{part.key}", part.table)
-    return tidy(load_parts(run, "sweep-"))
-
-
-def load_parts(run: RunDir, prefix: str) -> pd.DataFrame:
-    """The concatenated parts of ``run`` whose keys start with ``prefix``."""
-    files = sorted((run.path / "parts").glob(f"{prefix}*.parquet"))
-    if not files:
-        raise ConfigError(f"run directory {run.path} has no {prefix}* parts")
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(t) for t in csv_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in csv_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def add_stats_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("statistics")
-    g.add_argument("--bins", type=int, default=1000, help="histogram bins for peak")
-    g.add_argument("--reservoir", type=int, default=16, help="donor inputs for resample")
 
 
 # --- the command -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import argparse
 
 from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, parse_heads
 from headlab.cli.common import status as status_printer
-from headlab.cli.prune import (
+from headlab.cli.shared import (
     add_stats_args,
     load_parts,
     load_sweep,
