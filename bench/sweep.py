@@ -207,6 +207,7 @@ def _headlab(spec: dict, *, cache: bool = True):
 
     def finish() -> dict:
         out = {
+            "rss_peak_mb": _status_kb("VmHWM") / 1024,  # the sweep's, before the estimates
             "rss_load_mb": base,
             "clean_peak_mb": clean_peak,
             "sweep_peak_mb": _status_kb("VmHWM") / 1024 - base,
