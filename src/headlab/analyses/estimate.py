@@ -22,8 +22,7 @@ by (positive: the head matters).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from headlab.analyses.detect import eager_attention
 from headlab.analyses.sweep import COLUMNS, sweep, tidy
 from headlab.batch import Batch
 from headlab.errors import ConfigError
@@ -49,8 +49,11 @@ from headlab.models.layout import Layout, describe
 __all__ = [
     "ESTIMATE_METHODS",
     "EstimateCheck",
+    "EstimateTerms",
     "estimate",
+    "estimate_terms",
     "estimate_then_exact",
+    "rollout_per_example",
     "rollout_scores",
     "spearman",
 ]
@@ -253,20 +256,6 @@ def rollout_scores(
     return torch.stack(scores, dim=1)  # [batch, layer, head]
 
 
-@contextmanager
-def _eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run the body with eager attention (the only kind that returns patterns), then restore."""
-    old = getattr(model.config, "_attn_implementation", None)
-    switch = old not in (None, "eager") and hasattr(model, "set_attn_implementation")
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switch:
-            model.set_attn_implementation(old)
-
-
 def _targets(chunk: Batch, target: int | None) -> torch.Tensor:
     n, seq = len(chunk), chunk.seq_len
     if target is not None:
@@ -297,19 +286,25 @@ def _sources(chunk: Batch, target: torch.Tensor, sources: str) -> torch.Tensor:
     return out.reshape(n, seq)
 
 
-def _rollout_table(
+def rollout_per_example(
     model: nn.Module,
     batch: Batch,
-    layout: Layout,
-    batch_size: int,
-    target: int | None,
-    sources: str,
-) -> pd.DataFrame:
+    *,
+    batch_size: int = 8,
+    layout: Layout | None = None,
+    target: int | None = None,
+    sources: str = "context",
+) -> torch.Tensor:
+    """Head-level rollout (:func:`rollout_scores`) of every example, ``[example, layer, head]``;
+    ``estimate(methods=["rollout"])`` reports its mean over examples."""
+    layout = layout if layout is not None else describe(model)
     if batch.input_ids is None:
         raise ConfigError("rollout traces token positions; it needs a batch of input_ids")
+    if sources not in ("context", "previous"):
+        raise ConfigError(f"rollout sources must be 'context' or 'previous', got {sources!r}")
     device = next(model.parameters()).device
     parts = []
-    with torch.no_grad(), _eager_attention(model):
+    with torch.no_grad(), eager_attention(model):
         for chunk in batch.chunks(batch_size):
             out = model(**chunk.to(device).model_inputs(), output_attentions=True)
             att = getattr(out, "attentions", None)
@@ -320,9 +315,100 @@ def _rollout_table(
                 )
             tgt = _targets(chunk, target)
             parts.append(rollout_scores(att, tgt, _sources(chunk, tgt, sources)).cpu())
-    per = torch.cat(parts)  # [batch, layer, head]
+    return torch.cat(parts)  # [example, layer, head]
+
+
+def _rollout_table(per: torch.Tensor) -> pd.DataFrame:
     mean = per.mean(0)
     return _table("rollout", "attention", mean, torch.full_like(mean, math.nan), per, mean)
+
+
+@dataclass(frozen=True, eq=False)
+class EstimateTerms:
+    """Per-example terms of the gradient-based estimates (one metric), from which
+    :func:`estimate` builds its rows; resampling examples (a bootstrap) resamples these.
+
+    Attributes:
+        per_example: ``{method: [example, layer, head]}``, each example's contribution to the
+            batch total: ``sum_t (r - z) . dM/dz`` for ``atp:*``, ``sum_t z . dM/dz`` (Michel's
+            ``dL/dxi`` summed over the example's tokens) for ``gradient``.
+        weight: ``[example]`` scored tokens (the metric's per-example weight; 0 if none).
+        baseline: the clean metric (token-weighted mean over the batch).
+        metric: the metric's name.
+    """
+
+    per_example: dict[str, torch.Tensor]
+    weight: torch.Tensor
+    baseline: float
+    metric: str
+
+
+def _patch_for(
+    model: nn.Module, batch: Batch, methods: Sequence[str], counterfactual: Batch | None
+) -> Patch | None:
+    if "atp:patch" not in methods or counterfactual is None:
+        return None
+    if counterfactual.seq_len != batch.seq_len or len(counterfactual) != len(batch):
+        raise ConfigError(
+            f"the counterfactual batch ({len(counterfactual)} x {counterfactual.seq_len}) "
+            f"must match the batch ({len(batch)} x {batch.seq_len}) position by position"
+        )
+    device = next(model.parameters()).device
+    return Patch(record(model, counterfactual.to(device).model_inputs(), layers=None))
+
+
+def _terms(
+    model: nn.Module,
+    batch: Batch,
+    metric: Metric,
+    layout: Layout,
+    replacements: Mapping[str, Intervention | None],
+    stats: StatsSource | None,
+    batch_size: int,
+) -> EstimateTerms:
+    if metric.needs_clean:
+        raise ConfigError(
+            f"metric {metric.name!r} compares with the clean run and has zero gradient "
+            "there; estimate ce, logit_diff or answer_logprob instead"
+        )
+    sums: dict[str, list[torch.Tensor]] = {m: [] for m in replacements}
+    weights, total = [], 0.0
+    for c, chunk in enumerate(batch.chunks(batch_size)):
+        per, w, t = _grad_pass(
+            model, chunk, metric, layout, dict(replacements), c * batch_size, stats
+        )
+        for m in replacements:
+            sums[m].append(per[m])
+        weights.append(w)
+        total += t
+    weight = torch.cat(weights)
+    per_example = {m: torch.cat(sums[m]) for m in replacements}  # [example, layer, head] each
+    return EstimateTerms(per_example, weight, total / float(weight.sum()), metric.name)
+
+
+def estimate_terms(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    methods: Sequence[str] = ("atp:zero",),
+    metric: str | Metric = "ce",
+    stats: StatsSource | None = None,
+    counterfactual: Batch | None = None,
+    batch_size: int = 8,
+    layout: Layout | None = None,
+) -> EstimateTerms:
+    """The per-example terms of the ``atp:*`` and ``gradient`` estimates for one metric (one
+    forward + backward per sub-batch for all methods); see :class:`EstimateTerms`."""
+    layout = layout if layout is not None else describe(model)
+    methods = list(dict.fromkeys(methods))
+    if not methods or "rollout" in methods:
+        raise ConfigError(
+            "estimate_terms takes atp:* and gradient methods; rollout has its own "
+            "rollout_per_example()"
+        )
+    patch = _patch_for(model, batch, methods, counterfactual)
+    parsed = {m: _parse(m, stats, patch) for m in methods}
+    return _terms(model, batch, get_metric(metric), layout, parsed, stats, batch_size)
 
 
 def estimate(
@@ -359,47 +445,28 @@ def estimate(
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ConfigError(f"no estimate methods given; choose from {', '.join(ESTIMATE_METHODS)}")
-    patch = None
-    if any(m == "atp:patch" for m in methods) and counterfactual is not None:
-        if counterfactual.seq_len != batch.seq_len or len(counterfactual) != len(batch):
-            raise ConfigError(
-                f"the counterfactual batch ({len(counterfactual)} x {counterfactual.seq_len}) "
-                f"must match the batch ({len(batch)} x {batch.seq_len}) position by position"
-            )
-        device = next(model.parameters()).device
-        patch = Patch(record(model, counterfactual.to(device).model_inputs(), layers=None))
+    patch = _patch_for(model, batch, methods, counterfactual)
     parsed = {m: _parse(m, stats, patch) for m in methods}
     grad_methods = {m: iv for m, iv in parsed.items() if m != "rollout"}
     tables: list[pd.DataFrame] = []
     if grad_methods:
         for metric in (get_metric(m) for m in metrics):
-            if metric.needs_clean:
-                raise ConfigError(
-                    f"metric {metric.name!r} compares with the clean run and has zero gradient "
-                    "there; estimate ce, logit_diff or answer_logprob instead"
-                )
-            sums: dict[str, list[torch.Tensor]] = {m: [] for m in grad_methods}
-            weights, total = [], 0.0
-            for c, chunk in enumerate(batch.chunks(batch_size)):
-                per, w, t = _grad_pass(
-                    model, chunk, metric, layout, grad_methods, c * batch_size, stats
-                )
-                for m in grad_methods:
-                    sums[m].append(per[m])
-                weights.append(w)
-                total += t
-            weight = torch.cat(weights)
-            base = total / float(weight.sum())
-            for m in grad_methods:
-                per = torch.cat(sums[m])  # [batch, layer, head]
+            terms = _terms(model, batch, metric, layout, grad_methods, stats, batch_size)
+            for m, per in terms.per_example.items():
                 if m == "gradient":
-                    tables.append(_gradient_table(metric, per, weight))
+                    tables.append(_gradient_table(metric, per, terms.weight))
                 else:
-                    tables.append(_atp_table(m, metric, per, weight, base))
+                    tables.append(_atp_table(m, metric, per, terms.weight, terms.baseline))
     if "rollout" in parsed:
-        tables.append(
-            _rollout_table(model, batch, layout, batch_size, rollout_target, rollout_sources)
+        per = rollout_per_example(
+            model,
+            batch,
+            batch_size=batch_size,
+            layout=layout,
+            target=rollout_target,
+            sources=rollout_sources,
         )
+        tables.append(_rollout_table(per))
     return tidy(pd.concat(tables, ignore_index=True))
 
 
