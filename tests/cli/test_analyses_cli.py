@@ -208,3 +208,17 @@ def test_detect_on_the_default_model(tmp_path):
     assert (diag > 0.4).sum() >= 3  # SmolLM2 has several induction heads (L17-L18)
     assert 15 <= diag.idxmax()[0] <= 20 and diag.max() > 0.8
     assert table.sort_index().loc["previous_token", "value"].max() > 0.6
+
+
+def test_cascade_off_target_keeps_its_own_blocks_apart_from_the_same_corpus(tiny_folder, tmp_path):
+    out = tmp_path / "c"
+    argv = ["cascade", *docs(tiny_folder), "--steps", "1", "--heads", "0.0,0.1,1.0",
+            "--off-target", "python-docs", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    cost = pd.read_csv(out / "off_target.csv")
+    mine = cost[cost.selected_on == "python-docs"].set_index("target")
+    assert set(mine.index) == {"python-docs (eval blocks)", "python-docs"}
+    # the eval-blocks row is the cascade's own measurement: its baseline is the clean metric
+    clean = pd.read_parquet(out / "results.parquet")["clean"].iloc[0]
+    assert mine.loc["python-docs (eval blocks)", "baseline"] == pytest.approx(clean, rel=1e-6)
+    assert mine.loc["python-docs", "baseline"] != pytest.approx(clean, rel=1e-6)

@@ -7,9 +7,16 @@ import argparse
 
 import pandas as pd
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, parse_heads
+from headlab.cli.common import add_data_args, add_model_args, add_run_args, parse_heads
 from headlab.cli.common import status as status_printer
-from headlab.cli.shared import add_stats_args, load_parts, open_run, prepared_inputs, run_stats
+from headlab.cli.shared import (
+    add_stats_args,
+    load_parts,
+    off_target_targets,
+    open_run,
+    prepared_inputs,
+    run_stats,
+)
 from headlab.errors import ConfigError
 
 NAME = "cascade"
@@ -44,37 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_args(p)
 
 
-def _targets(args: argparse.Namespace, prepared, say) -> dict[str, tuple]:
-    from headlab.data.blocks import make_blocks
-    from headlab.data.corpora import load_texts
-    from headlab.data.tasks import TASKS, load_task
-
-    spec = args.off_target.strip()
-    if spec == "none":
-        return {}
-    auto = spec == "auto"
-    names = [t for t in TASKS if t != args.task] + ["python-docs"] if auto else csv_list(spec)
-    out: dict[str, tuple] = {}
-    n = args.n_blocks
-    for name in names:
-        try:
-            if name in TASKS:
-                task = load_task(name, prepared.tokenizer, n=n, seed=args.seed)
-                out[name] = (task.eval, task.metric)
-            else:
-                batch, _ = make_blocks(
-                    prepared.tokenizer, load_texts(name), seq_len=args.seq_len or 64, n_blocks=n,
-                    seed=args.seed + 7,
-                )  # fmt: skip
-                out[name] = (batch, "ce")
-        except ConfigError as err:
-            if not auto:
-                raise
-            if say:
-                say(f"off-target: skipping {name} ({err})")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from headlab.analyses.cascade import (
         backup_heads,
@@ -91,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if not (args.share > 0 and args.ratio >= 1):
         raise ConfigError("--share must be > 0 and --ratio >= 1")
     prepared = prepared_inputs(args)
-    targets = _targets(args, prepared, say)  # fail fast on a target this tokenizer cannot build
+    # fail fast on a target this tokenizer cannot build
+    targets = off_target_targets(args, prepared, say)
     metric = args.metric or prepared.metrics[0]
     heads = parse_heads(args.heads)
     extra = {
@@ -134,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
                 prepared.layout, len(gone), seed=args.seed, exclude=gone, pool=heads
             ),
         }
-        own = (prepared.eval, metric)
+        own_name = selected_on if selected_on not in targets else f"{selected_on} (eval blocks)"
         cost = off_target(
-            prepared.model, selections, {selected_on: own, **targets}, method=args.method,
+            prepared.model, selections, {own_name: (prepared.eval, metric), **targets},
+            method=args.method,
             stats=stats, batch_size=args.batch_size, layout=prepared.layout,
         )  # fmt: skip
         run_dir.save_table("off_target.csv", cost)

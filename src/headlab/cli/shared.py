@@ -152,3 +152,38 @@ def add_stats_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("statistics")
     g.add_argument("--bins", type=int, default=1000, help="histogram bins for peak")
     g.add_argument("--reservoir", type=int, default=16, help="donor inputs for resample")
+
+
+def off_target_targets(
+    args: argparse.Namespace, prepared: Prepared, say: Callable[[str], None] | None
+) -> dict[str, tuple]:
+    """Targets of ``--off-target``: built-in tasks (their own metric) and corpora (CE), each as
+    ``{name: (batch, metric)}``; ``auto`` = every other built-in task plus python-docs."""
+    from headlab.data.blocks import make_blocks
+    from headlab.data.corpora import load_texts
+    from headlab.data.tasks import TASKS, load_task
+
+    spec = args.off_target.strip()
+    if spec == "none":
+        return {}
+    auto = spec == "auto"
+    names = [t for t in TASKS if t != args.task] + ["python-docs"] if auto else csv_list(spec)
+    out: dict[str, tuple] = {}
+    n = args.n_blocks
+    for name in names:
+        try:
+            if name in TASKS:
+                task = load_task(name, prepared.tokenizer, n=n, seed=args.seed)
+                out[name] = (task.eval, task.metric)
+            else:
+                batch, _ = make_blocks(
+                    prepared.tokenizer, load_texts(name), seq_len=args.seq_len or 64, n_blocks=n,
+                    seed=args.seed + 7,
+                )  # fmt: skip
+                out[name] = (batch, "ce")
+        except ConfigError as err:
+            if not auto:
+                raise
+            if say:
+                say(f"off-target: skipping {name} ({err})")
+    return out
