@@ -14,7 +14,9 @@ Prose outside the fences is kept. ``--render-only`` skips the runs; ``--only a,b
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -31,6 +33,8 @@ FIGURES = ROOT / "docs" / "figures"
 D = ["--data", "python-docs", "--seq-len", "48", "--n-blocks", "4", "--n-stats-blocks", "8"]
 FRACTIONS = ",".join(f"{i / 10:g}" for i in range(11))
 TASK = ["--task", "induction", "--n-blocks", "8"]
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+SWEEP = "runs/findings/sweep-docs"  # relative: commands run from the repository root
 
 
 def _pool() -> str:
@@ -48,10 +52,10 @@ def _pool() -> str:
 STEPS: list[tuple[str, Callable[[], list[str]]]] = [
     ("sweep-docs", lambda: ["sweep", *D, "--method", "zero", "--metric", "ce,top1"]),
     ("prune-heads", lambda: [
-        "prune", *D, "--sweep", str(RUNS / "sweep-docs"), "--order", "random,sweep",
+        "prune", *D, "--sweep", SWEEP, "--order", "random,sweep",
         "--seeds", "0,1", "--fractions", FRACTIONS, "--metric", "ce,top1", "--tolerance", "0.1"]),
     ("prune-heldout", lambda: [
-        "prune", *D, "--seed", "1", "--sweep", str(RUNS / "sweep-docs"), "--order", "sweep",
+        "prune", *D, "--seed", "1", "--sweep", SWEEP, "--order", "sweep",
         "--fractions", FRACTIONS, "--metric", "ce,top1", "--tolerance", "0.1"]),
     ("prune-iterative", lambda: [
         "prune", *D, "--method", "zero", "--order", "iterative", "--fractions",
@@ -59,15 +63,19 @@ STEPS: list[tuple[str, Callable[[], list[str]]]] = [
     ("prune-neurons", lambda: [
         "prune", *D, "--unit", "neuron", "--order", "random", "--seeds", "0,1", "--fractions",
         FRACTIONS, "--metric", "ce,top1", "--tolerance", "0.1"]),
-    ("shift", lambda: ["shift", *D, "--sweep", str(RUNS / "sweep-docs"), "--top-k", "5"]),
+    ("shift", lambda: ["shift", *D, "--sweep", SWEEP, "--top-k", "5"]),
     ("detect", lambda: ["detect", *TASK]),
     ("cascade", lambda: [
         "cascade", *TASK, "--n-stats-blocks", "8", "--heads", _pool(), "--steps", "5",
         "--share", "0.15"]),
-    ("compare", lambda: ["compare", *D, "--methods", "zero,mean"]),
-    ("steer-colours", lambda: ["steer", "--concept", "colours"]),
-    ("steer-numbers", lambda: ["steer", "--concept", "numbers"]),
-    ("attention", lambda: ["attention", "--task", "names", "--n-blocks", "16"]),
+    ("compare", lambda: ["compare", *D[:6], "--methods", "zero,mean"]),
+    ("steer-colours", lambda: ["steer", "--concept", "colours", "--select", "pursuit"]),
+    ("steer-numbers", lambda: ["steer", "--concept", "numbers", "--select", "pursuit"]),
+    ("steer-colours-sweep", lambda: ["steer", "--concept", "colours", "--select", "sweep"]),
+    ("steer-numbers-sweep", lambda: ["steer", "--concept", "numbers", "--select", "sweep"]),
+    ("attention", lambda: ["attention", "--task", "names", "--n-blocks", "16",
+                           "--n-stats-blocks", "16", "--prompt", PROMPT, "--heads", "24.4,23.3"]),
+    ("attention-induction", lambda: ["attention", *TASK, "--n-stats-blocks", "8"]),
 ]
 GATE_STEPS: list[tuple[str, Callable[[], list[str]]]] = [
     ("gate", lambda: [
@@ -86,7 +94,13 @@ FIGURE_COPIES = {
     "compare/compare.png": "compare_smollm2.png",
     "steer-colours/steer.png": "steer_colours.png",
     "steer-numbers/steer.png": "steer_numbers.png",
-    "attention/plausibility.png": "attention_plausibility.png",
+    "steer-colours-sweep/steer.png": "steer_colours_sweep.png",
+    "attention/faithfulness.png": "attention_faithfulness_names.png",
+    "attention-induction/faithfulness.png": "attention_faithfulness_induction.png",
+    "attention/attention_grid.png": "attention_grid_names.png",
+    "attention/head_L24_H4.png": "attention_head_L24_H4.png",
+    "attention/head_L23_H3.png": "attention_head_L23_H3.png",
+    "attention/rollout.png": "attention_rollout_names.png",
     "gate/labels.png": "gate_labels_smollm2.png",
     "l0/tradeoff.png": "l0_tradeoff_smollm2.png",
 }
@@ -95,9 +109,10 @@ FIGURE_COPIES = {
 def run_steps(steps: list[tuple[str, Callable[[], list[str]]]]) -> list[str]:
     from headlab.cli.app import main
 
+    os.chdir(ROOT)
     failed = []
     for name, argv in steps:
-        args = [*argv(), "--out", str(RUNS / name), "--quiet"]
+        args = [*argv(), "--out", f"runs/findings/{name}", "--quiet"]
         start = time.perf_counter()
         print(f"findings: headlab {' '.join(args)}", file=sys.stderr, flush=True)
         if main(args) != 0:
@@ -135,7 +150,9 @@ def _command(name: str) -> str:
 
     manifest = json.loads((RUNS / name / "manifest.json").read_text())
     cmd = [c for c in manifest.get("command", []) if c != "--quiet"]
-    return "`" + " ".join(cmd) + "`"
+    if "--out" in cmd:  # the canonical place, also for a run copied in from elsewhere
+        cmd[cmd.index("--out") + 1] = f"runs/findings/{name}"
+    return "`" + shlex.join(cmd) + "`"
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -302,14 +319,101 @@ def render_cascade() -> str | None:
 
 
 def render_compare() -> str | None:
-    t = _read("compare", "agreement.csv")
+    t, pairs = _read("compare", "agreement.csv"), _read("compare", "pairs.csv")
     if t is None:
         return None
     rows = [[r.measure, r.reference, f"{r.spearman:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]",
              f"{r.topk_overlap:.2f}"] for r in t.itertuples()]  # fmt: skip
-    return "\n".join([_command("compare"), "", _table(
-        ["measure", "reference", "Spearman ρ [95 % CI]", f"top-{int(t['k'].iloc[0])} overlap"],
-        rows)])  # fmt: skip
+    k = int(t["k"].iloc[0])
+    lines = [_command("compare"), "", _table(
+        ["measure", "reference", "Spearman ρ [95 % CI]", f"top-{k} overlap"], rows)]  # fmt: skip
+    if pairs is not None:
+        other = pairs[pairs["measure"] != pairs["other"]]
+        mean = other.groupby("measure")["spearman"].mean()
+        ref = t["reference"].iloc[0]
+        review = {ref: 0.41, "rollout": 0.35, "gradient": 0.28}
+        have = {m: float(mean[m]) for m in review if m in mean}
+        if len(have) == 3:
+            ours = sorted(have, key=have.get, reverse=True)
+            verdict = "agrees" if ours == list(review) else "disagrees"
+            listed = ", ".join(f"{m} {v:.2f} (review {review[m]:.2f})" for m, v in have.items())
+            lines += [
+                "",
+                f"Mean ρ with the other measures (the review's statistic): {listed}. "
+                f"Ordering {' > '.join(ours)}: **{verdict}** with the review's ordering.",
+            ]
+    return "\n".join(lines)
+
+
+def render_attention() -> str | None:
+    lines, rhos = [], []
+    for name, task in (("attention", "names"), ("attention-induction", "induction")):
+        t, summ = _read(name), _read(name, "summary.csv")
+        if t is None or summ is None:
+            continue
+        r = summ.iloc[0]
+        rhos.append(float(r["spearman"]))
+        by_att = t.sort_values("plausibility", ascending=False).head(5)
+        by_eff = t.sort_values("abs_effect", ascending=False).head(5)
+        att = ", ".join(
+            f"{_head(h)} {h.plausibility:.2f} (effect {_s(h.effect)})" for h in by_att.itertuples()
+        )
+        eff = ", ".join(
+            f"{_head(h)} {_s(h.effect)} (attention {h.plausibility:.2f})"
+            for h in by_eff.itertuples()
+        )
+        lines += [
+            f"**{task}** ({r['metric']}, {r['method']} ablation, {int(r['n_examples'])} examples): "
+            + _command(name),
+            f"- most attention on the key tokens ({r['keys']}): {att}",
+            f"- largest |effect|: {eff}",
+            f"- Spearman ρ(attention mass, |effect|) = {r['spearman']:.2f} "
+            f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]; top-{int(r['top_k'])} overlap "
+            f"{int(r['top_k_overlap'])} (chance {r['chance_overlap']:.2f})",
+            "",
+        ]
+    if not lines:
+        return None
+    verdict = "agrees" if max(rhos) < 0.5 else "disagrees"
+    lines.append(f'"Attention is plausible but not faithful": **{verdict}** (ρ ≤ {max(rhos):.2f}).')
+    return "\n".join(lines)
+
+
+def render_steer() -> str | None:
+    lines, specific = [], []
+    for name in ("steer-colours", "steer-numbers", "steer-colours-sweep", "steer-numbers-sweep"):
+        summ, heads = _read(name, "summary.csv"), _read(name, "heads.csv")
+        if summ is None:
+            continue
+        if "sweep" in name and (RUNS / name / "heads_sweep.csv").is_file():
+            heads = _read(name, "heads_sweep.csv")
+        picked = ", ".join(f"{_head(r)}" for r in heads.sort_values("rank").head(3).itertuples())
+        ce = next(c for c in summ.columns if c.endswith("_ce_selected"))[: -len("_selected")]
+        rows = []
+        for d in summ.to_dict("records"):
+            rows.append([f"{d['alpha']:g}", f"{d['selected_rate']:.3f}",
+                         f"{d['random_mean']:.3f} ± {d['random_sd']:.3f}",
+                         f"{_s(d[ce + '_selected'])} / {_s(d[ce + '_random'])}",
+                         f"{_s(d['d_concept_logmass_selected'])} / "
+                         f"{_s(d['d_concept_logmass_random'])}"])  # fmt: skip
+            gap = abs(d["selected_rate"] - d["random_mean"])
+            specific.append(gap > 2 * max(d["random_sd"], 1e-9) and d[ce + "_selected"] < 0.2)
+        lines += [f"**{name.removeprefix('steer-')}** — heads {picked} (clean concept rate "
+                  f"{summ['clean_rate'].iloc[0]:.3f}): {_command(name)}", "",
+                  _table(["α", "concept rate, selected", "random heads (mean ± sd)",
+                          "ΔCE selected / random", "Δ concept log-mass selected / random"],
+                         rows), ""]  # fmt: skip
+    if not lines:
+        return None
+    n = sum(specific)
+    verdict = "agrees" if n >= len(specific) / 2 else "disagrees"
+    claim = '"Rescaling a few concept heads controls the concept, unlike random heads"'
+    lines.append(
+        "Conditions where the selected heads move the concept rate by more than 2 sd of the "
+        f"random sets at a CE cost under 0.2 nats: {n} of {len(specific)}. "
+        f"{claim}: **{verdict}** on this model."
+    )
+    return "\n".join(lines)
 
 
 def orders_figure() -> None:
@@ -347,6 +451,8 @@ RENDERERS: dict[str, Callable[[], str | None]] = {
     "detect": render_detect,
     "cascade": render_cascade,
     "compare": render_compare,
+    "attention": render_attention,
+    "steer": render_steer,
 }
 
 

@@ -5,14 +5,21 @@ Vocabulary: ``batch`` (examples), ``pos`` (token positions), ``head`` (query hea
 layer's attention output projection, viewed as ``[batch, pos, head, d_head]``.
 """
 
+from headlab.analyses.attention import attention_map, attention_mass_scores, attention_rollout
+from headlab.analyses.attention_faith import Faithfulness, plausibility_faithfulness
 from headlab.analyses.cascade import backup_heads, cascade, off_target
+from headlab.analyses.compare import Comparison, compare
 from headlab.analyses.detect import detect_heads
-from headlab.analyses.estimate import estimate, estimate_then_exact
+from headlab.analyses.estimate import estimate
+from headlab.analyses.estimate_check import estimate_then_exact
 from headlab.analyses.gates_chg import CHGConfig, chg
 from headlab.analyses.gates_contrast import ContrastConfig, contrastive_chg
 from headlab.analyses.gates_l0 import L0Config, l0_sweep
 from headlab.analyses.prune import prune_curves
 from headlab.analyses.shift import shift
+from headlab.analyses.steer import SteerConfig, SteerResult, steer
+from headlab.analyses.steer_generate import GenerateConfig, generate_texts, rescaled
+from headlab.analyses.steer_select import pursuit_scores, select_heads
 from headlab.analyses.sweep import rank_heads, sweep
 from headlab.batch import Batch
 from headlab.data import load_task, load_texts, make_blocks
@@ -40,6 +47,7 @@ from headlab.metrics import Metric, Scores, get_metric, metric_names, mlm_batch
 from headlab.models import Family, Layout, describe, families, register_family
 from headlab.models.load import DEFAULT_MODEL, load_model
 from headlab.stats import Stats, StatsConfig, collect_stats
+from headlab.steer_jobs import run_steer
 
 __version__ = "0.1.0"
 
@@ -48,10 +56,13 @@ __all__ = [
     "Activations",
     "Batch",
     "CHGConfig",
+    "Comparison",
     "ConfigError",
     "ContrastConfig",
+    "Faithfulness",
     "Family",
     "Gate",
+    "GenerateConfig",
     "HeadlabError",
     "HookReport",
     "Intervention",
@@ -71,12 +82,18 @@ __all__ = [
     "Stats",
     "StatsConfig",
     "StatsMismatchError",
+    "SteerConfig",
+    "SteerResult",
     "Zero",
+    "attention_map",
+    "attention_mass_scores",
+    "attention_rollout",
     "backup_heads",
     "capture",
     "cascade",
     "chg",
     "collect_stats",
+    "compare",
     "contrastive_chg",
     "describe",
     "detect_heads",
@@ -85,6 +102,7 @@ __all__ = [
     "evaluate",
     "families",
     "forward_logits",
+    "generate_texts",
     "get_metric",
     "intervene",
     "l0_sweep",
@@ -95,14 +113,20 @@ __all__ = [
     "metric_names",
     "mlm_batch",
     "off_target",
+    "plausibility_faithfulness",
     "prune_curves",
+    "pursuit_scores",
     "rank_heads",
     "record",
     "register_family",
+    "rescaled",
     "run_gate",
     "run_l0",
     "run_plans",
+    "run_steer",
     "run_sweep",
+    "select_heads",
     "shift",
+    "steer",
     "sweep",
 ]

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import headlab as hl
-from headlab.analyses.estimate import estimate, estimate_then_exact, rollout_scores, spearman
+from headlab.analyses.estimate import estimate, rollout_scores, spearman
+from headlab.analyses.estimate_check import estimate_then_exact
 from headlab.analyses.sweep import COLUMNS
 
 

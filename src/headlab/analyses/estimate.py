@@ -30,8 +30,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.detect import eager_attention
-from headlab.analyses.sweep import COLUMNS, sweep, tidy
+from headlab.analyses.compare_stats import spearman
+from headlab.analyses.rollout import rollout_per_example, rollout_scores
+from headlab.analyses.sweep import COLUMNS, tidy
 from headlab.batch import Batch
 from headlab.errors import ConfigError
 from headlab.hooks import add_to_heads, capture, record
@@ -48,11 +49,9 @@ from headlab.models.layout import Layout, describe
 
 __all__ = [
     "ESTIMATE_METHODS",
-    "EstimateCheck",
     "EstimateTerms",
     "estimate",
     "estimate_terms",
-    "estimate_then_exact",
     "rollout_per_example",
     "rollout_scores",
     "spearman",
@@ -220,104 +219,6 @@ def _gradient_table(
     return _table("gradient", metric.name, norm, raw, per, norm)
 
 
-def rollout_scores(
-    attentions: Sequence[torch.Tensor], target: torch.Tensor, sources: torch.Tensor
-) -> torch.Tensor:
-    """Head-level rollout: mass routed from ``target`` to ``sources`` through each head.
-
-    ``s[l, h] = e_t R_{L:l+1} (0.5 / H) A_{l,h} R_{l-1:1} 1_S`` with ``A~_l = 0.5 mean_h A_{l,h}
-    + 0.5 I`` and ``R`` products of ``A~`` (Abnar & Zuidema rollout split at layer ``l``).
-
-    Args:
-        attentions: one ``[batch, head, pos, pos]`` pattern per layer (rows: queries).
-        target: ``[batch]`` query position whose incoming mass is traced.
-        sources: ``[batch, pos]`` bool, the source positions ``S``.
-
-    Returns:
-        ``[batch, layer, head]`` scores.
-    """
-    n_layers = len(attentions)
-    _, n_heads, seq, _ = attentions[0].shape  # [batch, head, pos, pos]
-    eye = torch.eye(seq, dtype=torch.float64, device=attentions[0].device)
-    att = [a.double() for a in attentions]
-    mixed = [0.5 * a.mean(1) + 0.5 * eye for a in att]  # [batch, pos, pos] each
-    below = [sources.double().to(eye.device)]  # v_l = R_{l-1:1} 1_S, [batch, pos]
-    for ly in range(n_layers - 1):
-        below.append(torch.einsum("bij,bj->bi", mixed[ly], below[-1]))
-    above = [torch.zeros(0)] * n_layers  # u_l = e_t R_{L:l+1}, [batch, pos]
-    u = torch.nn.functional.one_hot(target.to(eye.device), seq).double()
-    for ly in range(n_layers - 1, -1, -1):
-        above[ly] = u
-        u = torch.einsum("bi,bij->bj", u, mixed[ly])
-    scores = [
-        (0.5 / n_heads) * torch.einsum("bi,bhij,bj->bh", above[ly], att[ly], below[ly])
-        for ly in range(n_layers)
-    ]
-    return torch.stack(scores, dim=1)  # [batch, layer, head]
-
-
-def _targets(chunk: Batch, target: int | None) -> torch.Tensor:
-    n, seq = len(chunk), chunk.seq_len
-    if target is not None:
-        t = target + seq if target < 0 else target
-        if not 0 <= t < seq:
-            raise ConfigError(f"rollout target position {target} is outside length {seq}")
-        return torch.full((n,), t, dtype=torch.long)
-    if chunk.answer_pos is not None:
-        return chunk.answer_pos.long().cpu()
-    if chunk.attention_mask is not None:
-        return chunk.attention_mask.long().cpu().sum(1) - 1
-    return torch.full((n,), seq - 1, dtype=torch.long)
-
-
-def _sources(chunk: Batch, target: torch.Tensor, sources: str) -> torch.Tensor:
-    """``[batch, pos]`` bool: ``context`` = positions 1..t-1, ``previous`` = t-1."""
-    n, seq = len(chunk), chunk.seq_len
-    pos = torch.arange(seq)[None, :]
-    t = target[:, None]
-    if sources == "context":
-        out = (pos >= 1) & (pos < t)
-    elif sources == "previous":
-        out = pos == t - 1
-    else:
-        raise ConfigError(f"rollout sources must be 'context' or 'previous', got {sources!r}")
-    if chunk.attention_mask is not None:
-        out &= chunk.attention_mask.bool().cpu()
-    return out.reshape(n, seq)
-
-
-def rollout_per_example(
-    model: nn.Module,
-    batch: Batch,
-    *,
-    batch_size: int = 8,
-    layout: Layout | None = None,
-    target: int | None = None,
-    sources: str = "context",
-) -> torch.Tensor:
-    """Head-level rollout (:func:`rollout_scores`) of every example, ``[example, layer, head]``;
-    ``estimate(methods=["rollout"])`` reports its mean over examples."""
-    layout = layout if layout is not None else describe(model)
-    if batch.input_ids is None:
-        raise ConfigError("rollout traces token positions; it needs a batch of input_ids")
-    if sources not in ("context", "previous"):
-        raise ConfigError(f"rollout sources must be 'context' or 'previous', got {sources!r}")
-    device = next(model.parameters()).device
-    parts = []
-    with torch.no_grad(), eager_attention(model):
-        for chunk in batch.chunks(batch_size):
-            out = model(**chunk.to(device).model_inputs(), output_attentions=True)
-            att = getattr(out, "attentions", None)
-            if att is None or len(att) != layout.n_layers or any(a is None for a in att):
-                raise ConfigError(
-                    f"{type(model).__name__} returned no attention patterns, so rollout cannot "
-                    "be computed; load it with attn_implementation='eager'"
-                )
-            tgt = _targets(chunk, target)
-            parts.append(rollout_scores(att, tgt, _sources(chunk, tgt, sources)).cpu())
-    return torch.cat(parts)  # [example, layer, head]
-
-
 def _rollout_table(per: torch.Tensor) -> pd.DataFrame:
     mean = per.mean(0)
     return _table("rollout", "attention", mean, torch.full_like(mean, math.nan), per, mean)
@@ -468,130 +369,3 @@ def estimate(
         )
         tables.append(_rollout_table(per))
     return tidy(pd.concat(tables, ignore_index=True))
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a
-    constant input."""
-    x, y = pd.Series(list(a), dtype=float).rank(), pd.Series(list(b), dtype=float).rank()
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return math.nan
-    return float(np.corrcoef(x.to_numpy(), y.to_numpy())[0, 1])
-
-
-@dataclass(frozen=True, eq=False)
-class EstimateCheck:
-    """Estimates for every head, exact ablation of some, and how well the two agree.
-
-    Attributes:
-        estimates: the estimate table (every head).
-        exact: the sweep table of the checked heads (top ``exact_top`` by estimate plus a random
-            sample).
-        correlation: one row per (method, metric): ``spearman`` (|estimate effect| against
-            |exact effect| over every checked head), ``spearman_random`` (over the random sample
-            only: the unbiased one, since the top heads are chosen by the estimate),
-            ``spearman_signed`` (signed effects, attribution patching only), ``n_checked``,
-            ``n_random``, ``exact_method`` and ``exact_metric``.
-    """
-
-    estimates: pd.DataFrame
-    exact: pd.DataFrame
-    correlation: pd.DataFrame
-
-    @property
-    def table(self) -> pd.DataFrame:
-        """Estimates and exact rows in one tidy table."""
-        return tidy(pd.concat([self.estimates, self.exact], ignore_index=True))
-
-
-def _exact_for(method: str, patch: Patch | None) -> Intervention:
-    """The exact ablation an estimate predicts (gradient and rollout: zero ablation)."""
-    if method in ("gradient", "rollout"):
-        return intervention_from_name("zero")
-    rest = method.partition(":")[2]
-    if rest == "patch":
-        assert patch is not None
-        return patch
-    return intervention_from_name(rest)
-
-
-def estimate_then_exact(
-    model: nn.Module,
-    batch: Batch,
-    *,
-    method: str = "atp:zero",
-    metric: str | Metric = "ce",
-    exact_top: int = 10,
-    n_random: int = 10,
-    seed: int = 0,
-    stats: StatsSource | None = None,
-    counterfactual: Batch | None = None,
-    batch_size: int = 8,
-    layout: Layout | None = None,
-    estimates: pd.DataFrame | None = None,
-) -> EstimateCheck:
-    """Estimate every head cheaply, ablate the ``exact_top`` heads with the largest |estimated
-    effect| plus ``n_random`` others drawn with ``seed`` exactly (through the engine), and
-    report the rank correlation between estimate and exact effect.
-
-    ``estimates`` reuses a table from :func:`estimate` (same batch) instead of recomputing it.
-    """
-    layout = layout if layout is not None else describe(model)
-    m = get_metric(metric)
-    if exact_top < 0 or n_random < 0 or exact_top + n_random == 0:
-        raise ConfigError("exact_top and n_random must be >= 0 and not both 0")
-    est_metric = m.name if method != "rollout" else "attention"
-    if estimates is None:
-        estimates = estimate(
-            model,
-            batch,
-            methods=[method],
-            metrics=[m] if method != "rollout" else ["ce"],
-            stats=stats,
-            counterfactual=counterfactual,
-            batch_size=batch_size,
-            layout=layout,
-        )
-    pick_rows = (estimates["method"] == method) & (estimates["metric"] == est_metric)
-    est = estimates[pick_rows].reset_index(drop=True)
-    if est.empty:
-        raise ConfigError(f"the estimates table has no rows for {method} / {est_metric}")
-    order = est["effect"].abs().sort_values(ascending=False, kind="stable").index
-    top = [(int(est.at[i, "layer"]), int(est.at[i, "head"])) for i in order[:exact_top]]
-    rest = [(int(est.at[i, "layer"]), int(est.at[i, "head"])) for i in order[exact_top:]]
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(rest), size=min(n_random, len(rest)), replace=False)
-    rand = [rest[i] for i in sorted(pick)]
-    patch = None
-    if method == "atp:patch" and counterfactual is not None:
-        device = next(model.parameters()).device
-        patch = Patch(record(model, counterfactual.to(device).model_inputs()))
-    iv = _exact_for(method, patch)
-    exact = sweep(
-        model,
-        batch,
-        methods=[iv],
-        metrics=[m],
-        stats=stats,
-        heads=top + rand,
-        batch_size=batch_size,
-        layout=layout,
-    )
-    key = ["layer", "head"]
-    joined = est[[*key, "effect"]].merge(exact[[*key, "effect"]], on=key, suffixes=("_est", ""))
-    in_rand = joined.set_index(key).index.isin(rand)
-    signed = method.startswith("atp:")
-    row = {
-        "method": method,
-        "metric": est_metric,
-        "exact_method": iv.label,
-        "exact_metric": m.name,
-        "spearman": spearman(joined["effect_est"].abs(), joined["effect"].abs()),
-        "spearman_random": spearman(
-            joined.loc[in_rand, "effect_est"].abs(), joined.loc[in_rand, "effect"].abs()
-        ),
-        "spearman_signed": spearman(joined["effect_est"], joined["effect"]) if signed else math.nan,
-        "n_checked": len(joined),
-        "n_random": int(in_rand.sum()),
-    }
-    return EstimateCheck(est, exact, pd.DataFrame([row]))

@@ -96,7 +96,8 @@ def run_estimate(
 ) -> EstimateResult:
     """Load the model and data (``inputs``: the shared options of :class:`headlab.jobs.Inputs`),
     estimate every head, optionally check by exact ablation, and write a run directory."""
-    from headlab.analyses.estimate import estimate, estimate_then_exact
+    from headlab.analyses.estimate import estimate
+    from headlab.analyses.estimate_check import estimate_then_exact
     from headlab.analyses.sweep import rank_heads, tidy
     from headlab.errors import ConfigError
     from headlab.jobs import Inputs, prepare

@@ -1,0 +1,232 @@
+"""Agreement between per-example importance measures: scores, Spearman with bootstrap intervals
+over examples, top-k overlap (METHODS.md section 6, comparison protocol).
+
+Every measure arrives as a *per-example table* (columns :data:`PER_EXAMPLE_COLUMNS`): one row per
+``(measure, example, layer, head)`` with a ``value`` and a ``weight``. A multiset ``S`` of
+examples (the whole batch, or a bootstrap resample) gives each head the score
+
+    ``score_h = | sum_{i in S} w_i v_{i,h} / sum_{i in S} w_i |``
+
+i.e. the weighted mean, then ``|.|`` for every measure alike (the protocol's "use |.|
+consistently"). The ``gradient`` measure (Michel et al.) is then divided by its layer's l2 norm,
+as :func:`headlab.estimate` does. With ``w_i`` the scored tokens of example ``i`` and ``v_{i,h}``
+its mean change, the whole-batch score is exactly the token-weighted ``|delta|`` of a sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from headlab.errors import ConfigError
+
+__all__ = [
+    "PER_EXAMPLE_COLUMNS",
+    "agreement",
+    "measure_scores",
+    "pairwise_agreement",
+    "rank_correlation",
+    "topk_overlap",
+]
+
+PER_EXAMPLE_COLUMNS = ["measure", "metric", "example", "layer", "head", "value", "weight"]
+#: measures whose scores are divided by their layer's l2 norm after averaging (Michel et al.)
+LAYER_NORMALISED = ("gradient",)
+
+
+@dataclass(frozen=True, eq=False)
+class _Arrays:
+    """One measure as arrays: ``values [example, head]`` (heads in ``(layer, head)`` order),
+    ``weights [example]``, ``layers [head]``."""
+
+    measure: str
+    metric: str
+    values: np.ndarray
+    weights: np.ndarray
+    layers: np.ndarray
+
+    def scores(self, counts: np.ndarray) -> np.ndarray:
+        """``counts [draw, example]`` (how often each example is drawn) -> ``[draw, head]``."""
+        cw = counts * self.weights[None, :]  # [draw, example]
+        den = cw.sum(1, keepdims=True)  # [draw, 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.abs(cw @ self.values / den)  # [draw, head]
+        if self.measure in LAYER_NORMALISED:
+            norm = np.zeros_like(out)
+            for ly in np.unique(self.layers):
+                cols = self.layers == ly
+                norm[:, cols] = np.sqrt((out[:, cols] ** 2).sum(1, keepdims=True))
+            out = out / (norm + 1e-20)
+        return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a
+    constant input."""
+    x, y = pd.Series(list(a), dtype=float).rank(), pd.Series(list(b), dtype=float).rank()
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x.to_numpy(), y.to_numpy())[0, 1])
+
+
+def _arrays(per_example: pd.DataFrame) -> tuple[dict[str, _Arrays], pd.DataFrame]:
+    """Per measure arrays, checked to cover the same examples and heads; and the head index."""
+    missing = [c for c in PER_EXAMPLE_COLUMNS if c not in per_example.columns]
+    if missing:
+        raise ConfigError(
+            f"a per-example table needs the columns {PER_EXAMPLE_COLUMNS}; missing {missing}"
+        )
+    if per_example.empty:
+        raise ConfigError("the per-example table is empty: measure something first")
+    out: dict[str, _Arrays] = {}
+    heads = examples = None
+    for measure, g in per_example.groupby("measure", sort=False):
+        # [example, head] with heads as (layer, head) columns
+        wide = g.pivot(index="example", columns=["layer", "head"], values="value")
+        weight = g.groupby("example")["weight"].first().reindex(wide.index)
+        if wide.isna().to_numpy().any() or weight.isna().any():
+            raise ConfigError(f"measure {measure!r} lacks some (example, head) rows")
+        cols = pd.DataFrame(list(wide.columns), columns=["layer", "head"])
+        if heads is None:
+            heads, examples = cols, list(wide.index)
+        elif not cols.equals(heads) or list(wide.index) != examples:
+            raise ConfigError(
+                f"measure {measure!r} covers other heads or examples than "
+                f"{next(iter(out))!r}; compare measures taken on the same batch and heads"
+            )
+        metrics = g["metric"].unique()
+        out[str(measure)] = _Arrays(
+            str(measure),
+            str(metrics[0]),
+            wide.to_numpy(dtype=float),
+            weight.to_numpy(dtype=float),
+            cols["layer"].to_numpy(),
+        )
+    return out, heads
+
+
+def measure_scores(per_example: pd.DataFrame) -> pd.DataFrame:
+    """Every measure's score for every head on the whole batch: ``layer, head, measure, metric,
+    value`` (the module's ``|weighted mean|``) and ``rank`` (1 = most important; ties share the
+    lowest rank)."""
+    arrays, heads = _arrays(per_example)
+    parts = []
+    for a in arrays.values():
+        value = a.scores(np.ones((1, len(a.weights))))[0]
+        part = heads.copy()
+        part["measure"], part["metric"], part["value"] = a.measure, a.metric, value
+        part["rank"] = pd.Series(-value).rank(method="min").astype("int64").to_numpy()
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def rank_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Spearman correlation of ``[draw, head]`` arrays (average ranks for ties; NaN for a
+    constant row, a row with NaN, or fewer than 3 heads)."""
+    x, y = np.atleast_2d(x), np.atleast_2d(y)
+    rx = pd.DataFrame(x).rank(axis=1).to_numpy()
+    ry = pd.DataFrame(y).rank(axis=1).to_numpy()
+    rx = rx - rx.mean(1, keepdims=True)
+    ry = ry - ry.mean(1, keepdims=True)
+    den = np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (rx * ry).sum(1) / den
+    bad = (den == 0) | np.isnan(x).any(1) | np.isnan(y).any(1) | (x.shape[1] < 3)
+    return np.where(bad, math.nan, rho)
+
+
+def topk_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
+    """``|top_k(a) & top_k(b)| / k``: the share of the ``k`` highest scores of ``a`` that are
+    also among those of ``b`` (ties broken by position, earlier first)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not 1 <= k <= len(a) or len(a) != len(b):
+        raise ConfigError(f"top-k overlap needs 1 <= k <= {len(a)} heads and equal lengths; k={k}")
+    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
+    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
+    return len(top_a & top_b) / k
+
+
+def _draws(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[draw, example]`` counts of ``n_boot`` resamples of ``n`` examples with replacement."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))  # [draw, n]
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
+    return counts
+
+
+def agreement(
+    per_example: pd.DataFrame,
+    *,
+    reference: str,
+    n_boot: int = 1000,
+    k: int = 10,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Each measure against ``reference``: Spearman of the head scores with a bootstrap
+    percentile interval over examples (all measures resampled together), and top-k overlap.
+
+    Returns one row per other measure: ``measure, metric, reference, spearman, ci_low, ci_high,
+    topk_overlap, k, n_examples, n_heads, n_boot``. ``n_boot=0`` leaves the interval NaN.
+
+    The interval is the plain percentile interval. With few examples it is coarse (4 examples
+    have 35 distinct resamples) and need not contain the point estimate: a resample repeats
+    examples, which shifts statistics such as the layer-normalised ``gradient`` score.
+    """
+    arrays, heads = _arrays(per_example)
+    if reference not in arrays:
+        raise ConfigError(
+            f"reference measure {reference!r} is not among the measures ({', '.join(arrays)})"
+        )
+    if n_boot < 0 or not 0 < ci < 1:
+        raise ConfigError(f"need n_boot >= 0 and 0 < ci < 1, got n_boot={n_boot}, ci={ci}")
+    n_heads, n = len(heads), len(arrays[reference].weights)
+    if not 1 <= k <= n_heads:
+        raise ConfigError(f"--top-k must be between 1 and the {n_heads} heads compared, got {k}")
+    ref = arrays[reference]
+    ones = np.ones((1, n))
+    ref_point = ref.scores(ones)
+    counts = _draws(n, n_boot, seed) if n_boot else None
+    ref_boot = ref.scores(counts) if counts is not None else None
+    lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+    rows = []
+    for name, a in arrays.items():
+        if name == reference:
+            continue
+        point = a.scores(ones)
+        rho = float(rank_correlation(point, ref_point)[0])
+        low = high = math.nan
+        if counts is not None:
+            boot = rank_correlation(a.scores(counts), ref_boot)
+            boot = boot[~np.isnan(boot)]
+            if boot.size:
+                low, high = (float(v) for v in np.percentile(boot, [lo, hi]))
+        rows.append({
+            "measure": name, "metric": a.metric, "reference": reference, "spearman": rho,
+            "ci_low": low, "ci_high": high, "topk_overlap": topk_overlap(point[0], ref_point[0], k),
+            "k": k, "n_examples": n, "n_heads": n_heads, "n_boot": n_boot,
+        })  # fmt: skip
+    cols = ["measure", "metric", "reference", "spearman", "ci_low", "ci_high", "topk_overlap",
+            "k", "n_examples", "n_heads", "n_boot"]  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)
+
+
+def pairwise_agreement(scores: pd.DataFrame, *, k: int = 10) -> pd.DataFrame:
+    """All pairs of measures (point estimates, diagonal included) from :func:`measure_scores`:
+    ``measure, other, spearman, topk_overlap, k``."""
+    wide = scores.pivot(index=["layer", "head"], columns="measure", values="value")
+    names = list(dict.fromkeys(scores["measure"]))
+    if not 1 <= k <= len(wide):
+        raise ConfigError(f"--top-k must be between 1 and the {len(wide)} heads compared, got {k}")
+    rows = []
+    for a in names:
+        for b in names:
+            x, y = wide[a].to_numpy(), wide[b].to_numpy()
+            rho = float(rank_correlation(x, y)[0])
+            rows.append([a, b, rho, topk_overlap(x, y, k), k])
+    return pd.DataFrame(rows, columns=["measure", "other", "spearman", "topk_overlap", "k"])
