@@ -84,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_stats_args(p)
     add_run_args(p)
+    # every head is ablated several times over: a default size that finishes in minutes on 2 cores
+    p.set_defaults(n_blocks=4)
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[str], str]:

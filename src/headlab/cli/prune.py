@@ -62,9 +62,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.1,
         help="largest harm allowed, in units of the first metric (e.g. 0.1 nats of CE)",
     )
-    g.add_argument("--sweep", default=None, metavar="DIR", help="a headlab sweep run to rank by")
+    g.add_argument(
+        "--sweep",
+        default=None,
+        metavar="DIR",
+        help="a headlab sweep run to rank by (each method by its own rows where the sweep has "
+        "them); without it the first --method is swept here and ranks every method",
+    )
     add_stats_args(p)
     add_run_args(p)
+    # every head is ablated several times over: a default size that finishes in minutes on 2 cores
+    p.set_defaults(n_blocks=4)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,10 +113,11 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if "sweep" in orders and importance is None:
             if say:
-                say("no --sweep given: sweeping every head (saved in the run directory)")
+                say(f"no --sweep given: sweeping every head with {methods[0]} (saved in the run "
+                    "directory); every method's sweep order uses that ranking")  # fmt: skip
             same_blocks = True
             importance = saved_sweep(
-                run_dir, prepared, methods=methods, metrics=[rank], stats=stats,
+                run_dir, prepared, methods=methods[:1], metrics=[rank], stats=stats,
                 batch_size=args.batch_size,
             )  # fmt: skip
         for part in prune_parts(
