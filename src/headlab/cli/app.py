@@ -35,12 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"headlab.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"headlab.cli.{name}":
-                continue  # command not built yet
-            raise
+        mod = importlib.import_module(f"headlab.cli.{name}")
         p = sub.add_parser(
             mod.NAME,
             help=mod.HELP,
