@@ -17,7 +17,7 @@ from headlab.batch import Batch
 from headlab.errors import ConfigError
 from headlab.interventions import intervention_from_name
 from headlab.metrics import get_metric
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, describe, max_positions
 from headlab.models.load import DEFAULT_MODEL, load_model, model_fingerprint
 from headlab.plots import heatmap
 from headlab.runs import RunDir
@@ -76,15 +76,6 @@ class Prepared:
         }
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    cfg = model.config
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def prepare(inputs: Inputs, *, on_status: Callable[[str], None] | None = None) -> Prepared:
     """Load the model and build the evaluation and statistics batches."""
     from headlab.data.blocks import make_blocks
@@ -100,7 +91,7 @@ def prepare(inputs: Inputs, *, on_status: Callable[[str], None] | None = None) -
             f"{inputs.model} has no text tokenizer; the CLI works on text models (use the Python "
             "API with your own Batch of pixel_values for vision models)"
         )
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     if inputs.task is not None:
         seq = inputs.seq_len if inputs.task == "induction" else None
         task = load_task(inputs.task, tokenizer, n=inputs.n_blocks, seed=inputs.seed, seq_len=seq)

@@ -131,7 +131,6 @@ def run_steer(
         GenerateConfig,
         SteerConfig,
         conditions,
-        max_positions,
         random_sets,
         steer_parts,
         with_baseline,
@@ -145,7 +144,7 @@ def run_steer(
         select_heads,
         sweep_scores,
     )
-    from headlab.models.layout import describe
+    from headlab.models.layout import describe, max_positions
     from headlab.models.load import load_model, model_fingerprint
 
     say = on_status or (lambda msg: None)

@@ -26,6 +26,7 @@ from headlab.analyses.detect import attention_patterns
 from headlab.batch import Batch
 from headlab.errors import ConfigError
 from headlab.interventions import Plan, StatsSource
+from headlab.models.layout import max_positions
 
 __all__ = [
     "attention_map",
@@ -40,18 +41,9 @@ MAP_COLUMNS = ["layer", "head", "query", "key", "query_token", "key_token", "wei
 ROLLOUT_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "weight"]
 
 
-def _context_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_context(model: nn.Module, n_tokens: int, what: str = "the prompt") -> None:
     """Raise :class:`ConfigError` if ``n_tokens`` exceed the model's context length."""
-    limit = _context_length(model)
+    limit = max_positions(model)
     if limit is not None and n_tokens > limit:
         raise ConfigError(
             f"{what} is {n_tokens} tokens but the model's context holds {limit} "

@@ -28,7 +28,6 @@ from headlab.analyses.steer_generate import (
     GenerateConfig,
     generate_ids,
     generate_texts,
-    max_positions,
     rescaled,
 )
 from headlab.analyses.steer_select import ConceptMass, concept_batch
@@ -48,7 +47,6 @@ __all__ = [
     "conditions",
     "generate_ids",
     "generate_texts",
-    "max_positions",
     "random_sets",
     "rescaled",
     "steer",

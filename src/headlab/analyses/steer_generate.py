@@ -25,14 +25,13 @@ from headlab.data.blocks import bos_prefix
 from headlab.errors import ConfigError
 from headlab.hooks import HookReport, intervene
 from headlab.interventions import Plan, Scale
-from headlab.models.layout import Layout
+from headlab.models.layout import Layout, max_positions
 
 __all__ = [
     "GenerateConfig",
     "encode_prompts",
     "generate_ids",
     "generate_texts",
-    "max_positions",
     "rescaled",
 ]
 
@@ -97,15 +96,6 @@ def _hf_config(config: GenerateConfig, pad: int, eos: int | None) -> Any:
     if not config.greedy:
         kw.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
     return GenerationConfig(**kw)
-
-
-def max_positions(model: nn.Module) -> int | None:
-    """The model's context length from its config (``None`` if it declares none)."""
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(model.config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def generate_ids(

@@ -19,7 +19,15 @@ from torch import nn
 
 from headlab.errors import ConfigError
 
-__all__ = ["Family", "Layout", "describe", "families", "find_family", "register_family"]
+__all__ = [
+    "Family",
+    "Layout",
+    "describe",
+    "families",
+    "find_family",
+    "max_positions",
+    "register_family",
+]
 
 
 @dataclass(frozen=True)
@@ -270,3 +278,13 @@ def describe(model: nn.Module, family: Family | None = None) -> Layout:
         out_proj_names=tuple(names),
         out_projs=tuple(projs),
     )
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The model's context length from its config (``None`` if it declares none)."""
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
