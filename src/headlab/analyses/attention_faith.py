@@ -28,6 +28,7 @@ from torch import nn
 
 from headlab.analyses.attention import attention_mass
 from headlab.analyses.attention_rank import TABLE_COLUMNS, bc_interval, compare_rankings
+from headlab.analyses.sweep import ablate_each, heads_by_layer
 from headlab.batch import Batch
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
@@ -113,21 +114,18 @@ def causal_parts(
     layout = layout if layout is not None else describe(model)
     m = get_metric(metric if metric is not None else default_metric(batch))
     name, iv = _intervention(model, method, batch, stats, counterfactual)
-    chosen = list(heads) if heads is not None else layout.heads()
-    by_layer: dict[int, list[int]] = {}
-    for ly, h in chosen:
-        layout.check_head(ly, h)
-        by_layer.setdefault(ly, []).append(h)
+    by_layer = heads_by_layer(layout, heads)
+    if all(f"effect-L{ly:03d}" in skip for ly in by_layer):
+        return  # resumed with every part done: no clean pass needed
     clean = run_plans(model, batch, [Plan()], [m], batch_size=batch_size, layout=layout)[0][m.name]
     base = clean.per_example.double()  # [batch]
     for ly in sorted(by_layer):
         key = f"effect-L{ly:03d}"
         if key in skip:
             continue
-        plans = [Plan.of({(ly, h): iv}) for h in by_layer[ly]]
-        results = run_plans(
-            model, batch, plans, [m], stats=stats, batch_size=batch_size, layout=layout,
-            on_forward=on_forward,
+        results = ablate_each(
+            model, batch, iv, ly, by_layer[ly], [m], stats=stats, batch_size=batch_size,
+            on_forward=on_forward, layout=layout,
         )  # fmt: skip
         rows = []
         for h, scores in zip(by_layer[ly], results, strict=True):

@@ -36,6 +36,7 @@ from headlab.analyses.compare_stats import (
     pairwise_agreement,
 )
 from headlab.analyses.estimate import estimate_terms, rollout_per_example
+from headlab.analyses.sweep import ablate_each
 from headlab.batch import Batch
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
@@ -206,10 +207,9 @@ def compare_parts(
             key = part_key(n, ly)
             if key in skip:
                 continue
-            plans = [Plan.of({(ly, h): iv}) for h in range(layout.n_heads)]
-            res = run_plans(
-                model, batch, plans, [m], stats=stats, batch_size=batch_size, layout=layout,
-                on_forward=on_forward,
+            res = ablate_each(
+                model, batch, iv, ly, range(layout.n_heads), [m], stats=stats,
+                batch_size=batch_size, on_forward=on_forward, layout=layout,
             )  # fmt: skip
             delta = torch.stack([_delta(r[m.name], c) for r in res], 1)  # [example, head]
             weight = c.weight.double() * ~torch.isnan(delta).any(1)  # [example]

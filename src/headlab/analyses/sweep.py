@@ -102,6 +102,41 @@ def _rows(
     return rows
 
 
+def heads_by_layer(
+    layout: Layout, heads: Sequence[tuple[int, int]] | None = None
+) -> dict[int, list[int]]:
+    """``{layer: [head, ...]}`` of ``heads`` (default: every head), each checked against
+    ``layout``, in the order given."""
+    chosen = list(heads) if heads is not None else layout.heads()
+    out: dict[int, list[int]] = {}
+    for ly, h in chosen:
+        layout.check_head(ly, h)
+        out.setdefault(ly, []).append(h)
+    return out
+
+
+def ablate_each(
+    model: nn.Module,
+    batch: Batch,
+    iv: Intervention,
+    layer: int,
+    heads: Sequence[int],
+    metrics: Sequence[Metric],
+    *,
+    stats: StatsSource | None = None,
+    batch_size: int = 8,
+    on_forward: Callable[[int], None] | None = None,
+    layout: Layout | None = None,
+) -> list[dict[str, Scores]]:
+    """Each of ``heads`` of ``layer`` intervened on alone (one plan per head) through the
+    engine; the scores of every plan, in order."""
+    plans = [Plan.of({(layer, h): iv}) for h in heads]
+    return run_plans(
+        model, batch, plans, metrics, stats=stats, batch_size=batch_size, layout=layout,
+        on_forward=on_forward,
+    )  # fmt: skip
+
+
 def sweep_parts(
     model: nn.Module,
     batch: Batch,
@@ -130,29 +165,17 @@ def sweep_parts(
     """
     layout = layout if layout is not None else describe(model)
     ms = [get_metric(m) for m in metrics]
-    chosen = list(heads) if heads is not None else layout.heads()
-    for ly, h in chosen:
-        layout.check_head(ly, h)
-    by_layer: dict[int, list[int]] = {}
-    for ly, h in chosen:
-        by_layer.setdefault(ly, []).append(h)
+    by_layer = heads_by_layer(layout, heads)
     clean = run_plans(model, batch, [Plan()], ms, batch_size=batch_size, layout=layout)[0]
     for name, iv in _as_methods(methods):
         for ly in sorted(by_layer):
             key = part_key(name, ly)
             if key in skip:
                 continue
-            plans = [Plan.of({(ly, h): iv}) for h in by_layer[ly]]
-            results = run_plans(
-                model,
-                batch,
-                plans,
-                ms,
-                stats=stats,
-                batch_size=batch_size,
-                layout=layout,
-                on_forward=on_forward,
-            )
+            results = ablate_each(
+                model, batch, iv, ly, by_layer[ly], ms, stats=stats, batch_size=batch_size,
+                on_forward=on_forward, layout=layout,
+            )  # fmt: skip
             rows = []
             for h, scores in zip(by_layer[ly], results, strict=True):
                 rows.extend(_rows(ly, h, name, ms, scores, clean))
