@@ -26,7 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
 
 
-def add_data_args(p: argparse.ArgumentParser, *, default_data: str | None = "python-docs") -> None:
+def add_data_args(
+    p: argparse.ArgumentParser, *, default_data: str | None = "python-docs", n_blocks: int = 8
+) -> None:
     g = p.add_argument_group("data")
     src = g.add_mutually_exclusive_group()
     src.add_argument(
@@ -50,7 +52,9 @@ def add_data_args(p: argparse.ArgumentParser, *, default_data: str | None = "pyt
         default=None,
         help="tokens per block (corpora: default 128; induction: default 65)",
     )
-    g.add_argument("--n-blocks", type=int, default=8, help="evaluation blocks (or task examples)")
+    g.add_argument(
+        "--n-blocks", type=int, default=n_blocks, help="evaluation blocks (or task examples)"
+    )
     g.add_argument(
         "--n-stats-blocks",
         type=int,

@@ -30,7 +30,8 @@ HELP = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    add_data_args(p)
+    # every head is ablated several times over: a default size that finishes in minutes
+    add_data_args(p, n_blocks=4)
     g = p.add_argument_group("compare")
     g.add_argument(
         "--methods",
@@ -84,8 +85,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_stats_args(p)
     add_run_args(p)
-    # every head is ablated several times over: a default size that finishes in minutes on 2 cores
-    p.set_defaults(n_blocks=4)
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[str], str]:

@@ -35,7 +35,8 @@ HELP = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    add_data_args(p)
+    # every head is ablated several times over: a default size that finishes in minutes
+    add_data_args(p, n_blocks=4)
     g = p.add_argument_group("prune")
     g.add_argument("--unit", default="head", choices=["head", "neuron"], help="what is pruned")
     g.add_argument("--method", default="zero,mean,peak,resample", help="comma-separated methods")
@@ -71,8 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_stats_args(p)
     add_run_args(p)
-    # every head is ablated several times over: a default size that finishes in minutes on 2 cores
-    p.set_defaults(n_blocks=4)
 
 
 def run(args: argparse.Namespace) -> int:
