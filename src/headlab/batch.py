@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+from torch import nn
+
+from headlab.models.layout import with_position_ids
 
 __all__ = ["Batch"]
 
@@ -93,8 +96,14 @@ class Batch:
             raise ValueError(f"chunk size must be >= 1, got {size}")
         return [self.slice(i, min(i + size, len(self))) for i in range(0, len(self), size)]
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the model's forward."""
+    def model_inputs(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the model's forward.
+
+        Pass ``model`` whenever you call it yourself: a left-padded batch (padding before real
+        tokens) then also carries the ``position_ids`` that give every row the numbers of the
+        same example unpadded (:func:`headlab.models.layout.with_position_ids`). Without
+        ``model`` only the batch's own tensors are returned.
+        """
         out: dict[str, torch.Tensor] = {}
         if self.input_ids is not None:
             out["input_ids"] = self.input_ids
@@ -102,7 +111,7 @@ class Batch:
             out["attention_mask"] = self.attention_mask
         if self.pixel_values is not None:
             out["pixel_values"] = self.pixel_values
-        return out
+        return out if model is None else with_position_ids(model, out)
 
     @staticmethod
     def concat(batches: list[Batch]) -> Batch:

@@ -19,8 +19,10 @@ re-implementing a model's forward:
   Cross-entropy, top-k and KL apply the output head to windows of at most ``max_logit_tokens``
   tokens, so memory stays bounded; this needs a plain head (the model's logits equal
   ``get_output_embeddings()(hidden)``, checked on every clean run), otherwise full logits are used.
-  Each window is projected once for all such metrics; cross-entropy is computed as
-  ``logsumexp - target logit`` without copying the logits.
+  Each window is projected once for all such metrics.
+- **One scoring path.** The clean run and every intervened run are scored by the same function
+  (:func:`_score`) on the same shapes, and every metric has one formula (cross-entropy is
+  :func:`headlab.metrics.token_nll`), so a delta carries no bias from the scoring code.
 
 A :class:`CleanCache` passed to several calls (a sweep calls once per layer) shares the clean
 passes between them. The numbers equal those of one :func:`headlab.intervene` + full forward
@@ -29,7 +31,6 @@ per plan (up to float rounding, relative difference < 1e-5 in fp32).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -59,7 +60,7 @@ from headlab.metrics import (
     _target_mask,
     get_metric,
 )
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, call_model, describe
 
 __all__ = ["CleanCache", "concat_scores", "evaluate", "forward_logits", "run_plans"]
 
@@ -67,13 +68,6 @@ __all__ = ["CleanCache", "concat_scores", "evaluate", "forward_logits", "run_pla
 _WINDOWED = (CrossEntropy, TopK, KLFromClean)
 #: config attributes of models that transform logits after the output head
 _POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def _call(model: nn.Module, inputs: dict[str, torch.Tensor]) -> object:
-    """``model(**inputs)`` without a key/value cache where the model has one."""
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        return model(**inputs, use_cache=False)
-    return model(**inputs)
 
 
 def _logits_of(out: object, model: nn.Module) -> torch.Tensor:
@@ -89,7 +83,7 @@ def _logits_of(out: object, model: nn.Module) -> torch.Tensor:
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The model's logits on ``batch`` (``[batch, pos, vocab]`` or ``[batch, classes]``)."""
     device = next(model.parameters()).device
-    return _logits_of(model(**batch.to(device).model_inputs()), model)
+    return _logits_of(call_model(model, batch.to(device).model_inputs()), model)
 
 
 def concat_scores(parts: Sequence[Scores]) -> Scores:
@@ -147,7 +141,12 @@ class CleanCache:
 
 
 def _same_inputs(a: Batch, b: Batch) -> bool:
-    for x, y in ((a.input_ids, b.input_ids), (a.pixel_values, b.pixel_values)):
+    pairs = (
+        (a.input_ids, b.input_ids),
+        (a.pixel_values, b.pixel_values),
+        (a.attention_mask, b.attention_mask),
+    )
+    for x, y in pairs:
         if (x is None) != (y is None):
             return False
         if x is not None and (x.shape != y.shape or not torch.equal(x.cpu(), y.cpu())):
@@ -156,7 +155,11 @@ def _same_inputs(a: Batch, b: Batch) -> bool:
 
 
 def _clean_run(
-    model: nn.Module, chunk: Batch, ms: list[Metric], blocks: nn.ModuleList | None
+    model: nn.Module,
+    chunk: Batch,
+    ms: list[Metric],
+    blocks: nn.ModuleList | None,
+    window_tokens: int,
 ) -> _Clean:
     recorded: dict[int, BlockOutput] = {}
     with ExitStack() as stack:
@@ -166,22 +169,23 @@ def _clean_run(
             tap = stack.enter_context(tap_output_head(model))
         except HeadlabError:
             tap = None
-        logits = _logits_of(_call(model, chunk.model_inputs()), model)
+        logits = _logits_of(call_model(model, chunk.model_inputs()), model)
     hidden = tap.hidden.detach() if tap is not None and tap.calls == 1 else None
     plain = hidden is not None and _plain_head(model, hidden, logits)
-    scores = {m.name: m(logits, chunk, logits) for m in ms}
-    need_clean = any(m.needs_clean for m in ms)
-    keep = need_clean and not plain
-    if blocks is not None and len(recorded) != len(blocks):
-        recorded = {}
-    return _Clean(
+    full = _full_logits(ms, plain)
+    clean = _Clean(
         chunk=chunk,
-        blocks=[recorded[i] for i in range(len(blocks))] if recorded else None,
+        blocks=[recorded[i] for i in range(len(blocks))]
+        if blocks is not None and len(recorded) == len(blocks)
+        else None,
         hidden=hidden if plain else None,
         plain_head=plain,
-        logits=logits if keep else None,
-        scores=scores,
+        logits=logits if full and any(m.needs_clean for m in ms) else None,
+        scores={},
     )
+    # the clean run is scored by the same code, on the same shapes, as every intervened run
+    clean.scores = _score(model, ms, clean, logits if full else None, hidden, window_tokens)
+    return clean
 
 
 def _plain_head(model: nn.Module, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
@@ -202,27 +206,23 @@ def _plain_head(model: nn.Module, hidden: torch.Tensor, logits: torch.Tensor) ->
     return float((mine - theirs).abs().max()) <= tol * scale
 
 
-def _cross_entropy(logits: torch.Tensor, sub: Batch) -> torch.Tensor:
-    """:class:`CrossEntropy`'s per-token values ``[rows, width - 1]`` (NaN where not scored) as
-    ``logsumexp - target logit`` over the vocabulary axis, without copying the logits: the same
-    numbers, several times faster on CPU than the metric's ``[batch, vocab, pos]`` layout."""
-    lg = logits[:, :-1].float()  # [rows, width - 1, vocab], a view (no copy) in float32
-    tgt = sub.input_ids[:, 1:].to(logits.device)  # [rows, width - 1]
-    ce = lg.logsumexp(-1) - lg.gather(-1, tgt[..., None])[..., 0]
-    mask = sub.target_mask[:, 1:].to(ce.device)
-    return ce.masked_fill(~mask, math.nan).cpu()
+def _full_logits(ms: list[Metric], plain_head: bool) -> bool:
+    """Whether runs are scored from the model's full logits rather than from the output head
+    applied to the final hidden state (only windowed next-token and answer metrics can be)."""
+    return not plain_head or any(m.reads != "answer" and type(m) not in _WINDOWED for m in ms)
 
 
 def _windowed(
     ms: list[Metric],
     head: nn.Module,
     hidden: torch.Tensor,
+    clean_hidden: torch.Tensor,
     chunk: Batch,
-    clean: Callable[[], torch.Tensor | None],
     window_tokens: int,
 ) -> dict[str, Scores]:
     """Next-token metrics from ``head`` applied to windows of ``hidden`` ([batch, pos, d]); each
-    window is projected once and scored by every metric."""
+    window is projected once and scored by every metric. Metrics that compare with the clean run
+    read the clean logits of the same window (``head`` on ``clean_hidden``)."""
     masks = {m.name: _target_mask(chunk, m.name) for m in ms}  # [batch, pos] each
     mask = next(iter(masks.values()))
     n, seq = mask.shape
@@ -242,13 +242,11 @@ def _windowed(
                     target_mask=mask[r0:r1, a : b + 1],
                 )
                 lg = head(hidden[r0:r1, a : b + 1])  # [rows, width, vocab]
+                cl = None
+                if any(m.needs_clean for m in ms):
+                    cl = head(clean_hidden[r0:r1, a : b + 1])  # [rows, width, vocab]
                 for m in ms:
-                    if type(m) is CrossEntropy:
-                        values = _cross_entropy(lg, sub)
-                    else:
-                        full = clean() if m.needs_clean else None
-                        cl = None if full is None else full[r0:r1, a : b + 1]
-                        values = m(lg, sub, cl).per_token[:, 1:]
+                    values = m(lg, sub, cl if m.needs_clean else None).per_token[:, 1:]
                     per_token[m.name][r0:r1, a + 1 : b + 1] = values
             a = b
     weight = mask.sum(1).float().cpu()
@@ -258,18 +256,40 @@ def _windowed(
     }
 
 
-def _needs_full(m: Metric, clean: _Clean) -> bool:
-    if m.reads == "answer":
-        return False
-    return not (type(m) in _WINDOWED and clean.plain_head)
+def _score(
+    model: nn.Module,
+    ms: list[Metric],
+    clean: _Clean,
+    logits: torch.Tensor | None,
+    hidden: torch.Tensor | None,
+    window_tokens: int = 1024,
+) -> dict[str, Scores]:
+    """Every metric of one run (clean or intervened) of ``clean.chunk``: the one scoring path.
 
-
-def _clean_logits(model: nn.Module, clean: _Clean) -> torch.Tensor | None:
-    if clean.logits is not None:
-        return clean.logits
-    if clean.hidden is not None:
-        return model.get_output_embeddings()(clean.hidden)  # [batch, pos, vocab]
-    return None
+    With ``logits`` (``[batch, pos, vocab]`` or ``[batch, classes]``), each metric reads them
+    (compared metrics read the clean run's logits). Otherwise the model has a plain head and
+    ``hidden`` is its final hidden state ``[batch, pos, d_model]``: next-token metrics project
+    windows of it, answer metrics project the answer positions, always with the same shapes.
+    """
+    chunk = clean.chunk
+    if logits is not None:
+        cl = clean.logits if clean.logits is not None else logits
+        return {m.name: m(logits, chunk, cl if m.needs_clean else None) for m in ms}
+    head = model.get_output_embeddings()
+    windowed = [m for m in ms if m.reads != "answer"]
+    scores = {}
+    if windowed:
+        scores.update(_windowed(windowed, head, hidden, clean.hidden, chunk, window_tokens))
+    if len(windowed) < len(ms):
+        if chunk.answer_pos is None:
+            raise ConfigError("an answer metric needs batch.answer_pos (use a task batch)")
+        rows = torch.arange(len(chunk), device=hidden.device)
+        pos = chunk.answer_pos.to(hidden.device)
+        lg = head(hidden[rows, pos][:, None])[:, 0]  # [batch, vocab]
+        for m in ms:
+            if m.reads == "answer":
+                scores[m.name] = m(lg, chunk, None)
+    return {m.name: scores[m.name] for m in ms}
 
 
 def _run_group(
@@ -283,30 +303,13 @@ def _run_group(
     stats: StatsSource | None,
     layout: Layout,
     window_tokens: int,
-    clean_logits: Callable[[], torch.Tensor | None],
     start: int,
 ) -> list[dict[str, Scores]]:
     """Score ``plans`` (all first intervening at ``first_layer``) in one forward over the
     sub-batch that starts at example ``start`` of the whole batch."""
     chunk, k = clean.chunk, len(plans)
     n = len(chunk)
-    full = clean.hidden is None or any(_needs_full(m, clean) for m in ms)
-    answer = any(m.reads == "answer" for m in ms)
-    select = None
-    if not full:
-        if answer:
-            if chunk.answer_pos is None:
-                raise ConfigError("an answer metric needs batch.answer_pos (use a task batch)")
-            pos = chunk.answer_pos.repeat(k)  # [k * batch]
-            rows = torch.arange(k * n, device=pos.device)
-
-            def select(h: torch.Tensor) -> torch.Tensor:
-                return h[rows, pos][:, None]  # [k * batch, 1, d_model]
-        else:
-
-            def select(h: torch.Tensor) -> torch.Tensor:
-                return h[:, :1]  # [k * batch, 1, d_model]: the head's output is not used
-
+    full = _full_logits(ms, clean.plain_head)
     inputs = chunk.model_inputs()
     if k > 1:
         inputs = {key: v.repeat(k, *([1] * (v.ndim - 1))) for key, v in inputs.items()}
@@ -318,26 +321,16 @@ def _run_group(
             stack.enter_context(intervene(model, plans[0], stats=stats, layout=layout))
         else:
             stack.enter_context(intervene_stacked(model, plans, n, stats=stats, layout=layout))
-        tap = stack.enter_context(tap_output_head(model, select)) if not full else None
-        logits = _logits_of(_call(model, inputs), model)
-    head = model.get_output_embeddings() if not full else None
-    windowed = [m for m in ms if m.reads != "answer"] if not full else []
+        # scored from the hidden state: the model's own head projects one position only
+        tap = None if full else stack.enter_context(tap_output_head(model, lambda h: h[:, :1]))
+        logits = _logits_of(call_model(model, inputs), model)
     out = []
     for j in range(k):
         part = slice(j * n, (j + 1) * n)
-        scores = {}
-        if windowed:
-            h = tap.hidden[part]  # [batch, pos, d_model]
-            scores.update(_windowed(windowed, head, h, chunk, clean_logits, window_tokens))
-        for m in ms:
-            if m.name in scores:
-                continue
-            cl = clean_logits() if m.needs_clean else None
-            if full:
-                scores[m.name] = m(logits[part], chunk, cl)
-            else:  # an answer metric: the model projected only answer_pos
-                scores[m.name] = m(logits[part, 0], chunk, cl)  # [batch, vocab]
-        out.append({m.name: scores[m.name] for m in ms})
+        if full:
+            out.append(_score(model, ms, clean, logits[part], None, window_tokens))
+        else:
+            out.append(_score(model, ms, clean, None, tap.hidden[part], window_tokens))
     return out
 
 
@@ -369,16 +362,20 @@ def _auto_budget(clean: _Clean, device: torch.device, seq: int) -> int | None:
 
 
 def _measured_clean_run(
-    model: nn.Module, chunk: Batch, ms: list[Metric], blocks: nn.ModuleList | None
+    model: nn.Module,
+    chunk: Batch,
+    ms: list[Metric],
+    blocks: nn.ModuleList | None,
+    window_tokens: int,
 ) -> _Clean:
     """:func:`_clean_run`, recording its peak GPU memory per token on CUDA."""
     device = next(model.parameters()).device
     if device.type != "cuda":
-        return _clean_run(model, chunk, ms, blocks)
+        return _clean_run(model, chunk, ms, blocks, window_tokens)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    clean = _clean_run(model, chunk, ms, blocks)
+    clean = _clean_run(model, chunk, ms, blocks, window_tokens)
     peak = torch.cuda.max_memory_allocated(device) - base
     clean.bytes_per_token = peak / max(
         1, chunk.input_ids.numel() if chunk.input_ids is not None else len(chunk)
@@ -438,7 +435,7 @@ def run_plans(
             blocks = blocks_of(model, layout)
         except HeadlabError:
             blocks = None
-    key = (id(model), rows, prefix_reuse, tuple(m.name for m in ms))
+    key = (id(model), rows, prefix_reuse, max_logit_tokens, tuple(m.name for m in ms))
     groups: dict[int, list[int]] = {}
     for i, plan in enumerate(plans):
         groups.setdefault(min(plan.layers) if len(plan) else -1, []).append(i)
@@ -447,16 +444,11 @@ def run_plans(
         for index, chunk in enumerate(batch.chunks(rows)):
             clean = cache._get(key, index, chunk) if cache is not None else None
             if clean is None:
-                clean = _measured_clean_run(model, chunk.to(device), ms, blocks)
+                clean = _measured_clean_run(
+                    model, chunk.to(device), ms, blocks, max_logit_tokens
+                )
                 if cache is not None:
                     cache._put(index, clean)
-            memo: dict[str, torch.Tensor | None] = {}
-
-            def clean_logits(clean: _Clean = clean, memo: dict = memo) -> torch.Tensor | None:
-                if "x" not in memo:
-                    memo["x"] = _clean_logits(model, clean)
-                return memo["x"]
-
             if auto and budget is None and device.type == "cuda":
                 budget = _auto_budget(clean, device, seq)
             n = len(chunk)
@@ -481,7 +473,6 @@ def run_plans(
                         stats=stats,
                         layout=layout,
                         window_tokens=max_logit_tokens,
-                        clean_logits=clean_logits,
                         start=index * rows,
                     )
                     for i, scores in zip(group, results, strict=True):

@@ -17,5 +17,5 @@ class ModelNotFoundError(HeadlabError):
     """A model could not be located or loaded."""
 
 
-class StatsMismatchError(HeadlabError, ValueError):
+class StatsMismatchError(ConfigError):
     """Activation statistics were collected on another model or head layout."""

@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from safetensors.torch import load_file, save_file
 
 from headlab.runs import RunDir
 
@@ -48,15 +47,14 @@ class GateRun:
 
 
 def save_tensor(run: RunDir, name: str, tensor: torch.Tensor) -> None:
-    """Write one tensor to ``run/name`` atomically."""
-    tmp = run.file(f".{name}.tmp")
-    save_file({"value": tensor.contiguous()}, str(tmp))
-    tmp.replace(run.file(name))
+    """Write one tensor to ``run/name`` atomically (its checksum in the manifest)."""
+    run.save_tensors(name, {"value": tensor})
 
 
 def load_tensor(run: RunDir, name: str) -> torch.Tensor | None:
-    path = run.file(name)
-    return load_file(str(path))["value"] if path.is_file() else None
+    """The tensor of ``run/name``; None when absent or damaged (then removed and reported)."""
+    tensors = run.load_tensors(name)
+    return None if tensors is None else tensors["value"]
 
 
 def progress_bar(enabled: bool, total: int, desc: str) -> Any:
@@ -174,7 +172,9 @@ def run_gate(
         "forget_data": forget_data,
     }
     kind = "gate-contrast" if contrast else "gate"
-    run = RunDir.open(out, kind=kind, identity=identity, command=command, force=force)
+    run = RunDir.open(
+        out, kind=kind, identity=identity, command=command, force=force, on_status=on_status
+    )
     job = _Job(run, prepared, batch_size, progress, on_status, validate, k, n_random, metric)
     try:
         if not run.file("tokens.safetensors").is_file():
@@ -185,6 +185,8 @@ def run_gate(
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise
+    finally:
+        run.close()
 
 
 def _execute(job: _Job, config: Any) -> GateRun:
@@ -193,7 +195,12 @@ def _execute(job: _Job, config: Any) -> GateRun:
     from headlab.analyses.gates_validate import validate_labels
 
     run, prepared = job.run, job.prepared
-    done = {f: t for f in FITS if (t := load_tensor(run, f"theta-{f}.safetensors")) is not None}
+    parts = run.done_parts()  # a fit is done when both its theta and its loss curve are intact
+    done = {
+        f: t
+        for f in FITS
+        if f"curve-{f}" in parts and (t := load_tensor(run, f"theta-{f}.safetensors")) is not None
+    }
     if done:
         job.say(f"resuming: fits {', '.join(done)} already done")
     total = sum(config.steps_of(f) for f in FITS if f not in done)
@@ -273,6 +280,8 @@ def _execute_contrast(job: _Job, forget: Any, config: Any) -> GateRun:
 
     run, prepared = job.run, job.prepared
     theta = load_tensor(run, "theta-contrast.safetensors")
+    if run.verified("summary.csv") is None or "curve-contrast" not in run.done_parts():
+        theta = None  # the fit's summary or loss curve was lost: fit again
     if theta is None:
         bar = progress_bar(job.progress, config.steps, "contrastive fit")
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from headlab.errors import ConfigError, HeadlabError
 from headlab.interventions import Activations, Intervention, Plan, Selection, Site, StatsSource
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, describe, with_position_ids
 
 __all__ = [
     "BlockOutput",
@@ -130,7 +130,11 @@ def _make_hook(
 
 
 def _check_plan(
-    plan: Plan, layout: Layout, stats: StatsSource | None, what: str = "intervene()"
+    plan: Plan,
+    layout: Layout,
+    stats: StatsSource | None,
+    what: str = "intervene()",
+    model: nn.Module | None = None,
 ) -> None:
     if not isinstance(plan, Plan):
         raise ConfigError(f"{what} takes a headlab.Plan, got {type(plan).__name__}")
@@ -144,6 +148,11 @@ def _check_plan(
     check = getattr(stats, "check_layout", None)
     if needs and check is not None:
         check(layout)
+    # statistics that record the weights they came from must come from this model (the model's
+    # fingerprint is cached on it, so this costs nothing after the first intervention)
+    check = getattr(stats, "check_fingerprint", None)
+    if needs and check is not None and model is not None:
+        check(model)
 
 
 @contextmanager
@@ -170,7 +179,7 @@ def intervene(
             logits = model(input_ids).logits
     """
     layout = layout if layout is not None else describe(model)
-    _check_plan(plan, layout, stats)
+    _check_plan(plan, layout, stats, model=model)
     report = HookReport()
     handles = []
     try:
@@ -236,9 +245,12 @@ def record(
     """Run ``model(**inputs)`` once and return every (or the chosen) layer's head outputs.
 
     With ``plan``, the activations are those of the intervened run (each layer's input as the
-    output projection sees it before that layer's own intervention).
+    output projection sees it before that layer's own intervention). A left-padded ``inputs``
+    gets its position ids (:func:`headlab.models.layout.with_position_ids`), so the activations
+    of every row equal those of the same example unpadded.
     """
     layout = describe(model)
+    inputs = with_position_ids(model, inputs)
     got: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, z: torch.Tensor) -> None:
@@ -274,7 +286,7 @@ def intervene_stacked(
     """
     layout = layout if layout is not None else describe(model)
     for plan in plans:
-        _check_plan(plan, layout, stats, "intervene_stacked()")
+        _check_plan(plan, layout, stats, "intervene_stacked()", model=model)
     layers = sorted({ly for plan in plans for ly in plan.layers})
     report = HookReport()
 

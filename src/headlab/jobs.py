@@ -12,13 +12,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torch import nn
 
-from headlab.analyses.sweep import part_key, rank_heads, sweep_parts, tidy
+from headlab.analyses.sweep import check_heads, part_key, rank_heads, sweep_parts, tidy
 from headlab.batch import Batch
 from headlab.errors import ConfigError
 from headlab.interventions import intervention_from_name
 from headlab.metrics import get_metric
 from headlab.models.layout import Layout, describe, max_positions
-from headlab.models.load import DEFAULT_MODEL, load_model, model_fingerprint
+from headlab.models.load import DEFAULT_MODEL, cached_fingerprint, load_model
 from headlab.plots import heatmap
 from headlab.runs import RunDir
 from headlab.stats import Stats, StatsConfig, collect_stats
@@ -41,10 +41,14 @@ class Inputs:
     n_stats_blocks: int = 16
     stats_data: str | None = None
     seed: int = 0
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         if self.task is not None and self.data not in (None, "python-docs"):
             raise ConfigError("give either --data or --task, not both")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"--seq-len must be a positive integer, got {self.seq_len}")
         if self.n_blocks < 1:
             raise ConfigError(f"--n-blocks must be at least 1, got {self.n_blocks}")
         if self.n_stats_blocks < 1:
@@ -67,8 +71,15 @@ class Prepared:
     def identity(self) -> dict[str, Any]:
         from headlab.data.blocks import batch_fingerprint
 
+        inputs = asdict(self.inputs)
+        # how the weights file may be read does not change the numbers (the fingerprint names the
+        # weights); trust_remote_code stays when set: custom code is the forward pass itself (it
+        # is left out when off, so run directories of releases without the option still resume)
+        del inputs["allow_pickle"]
+        if not inputs["trust_remote_code"]:
+            del inputs["trust_remote_code"]
         return {
-            **asdict(self.inputs),
+            **inputs,
             "device": None,  # where it ran does not change the numbers' identity
             "model_fingerprint": self.model_fingerprint,
             "eval_fingerprint": batch_fingerprint(self.eval),
@@ -83,7 +94,12 @@ def prepare(inputs: Inputs, *, on_status: Callable[[str], None] | None = None) -
     from headlab.data.tasks import load_task
 
     model, tokenizer = load_model(
-        inputs.model, dtype=inputs.dtype, device=inputs.device, on_status=on_status
+        inputs.model,
+        dtype=inputs.dtype,
+        device=inputs.device,
+        on_status=on_status,
+        trust_remote_code=inputs.trust_remote_code,
+        allow_pickle=inputs.allow_pickle,
     )
     layout = describe(model)
     if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
@@ -150,7 +166,7 @@ def prepare(inputs: Inputs, *, on_status: Callable[[str], None] | None = None) -
         evaluation,
         stats_batch,
         metrics,
-        model_fingerprint(model),
+        cached_fingerprint(model),  # computed once: statistics and their checks reuse it
     )
 
 
@@ -202,6 +218,8 @@ def run_sweep(
     seed: int = 0,
     dtype: str = "float32",
     device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     batch_size: int = 8,
     bins: int = 1000,
     reservoir: int = 16,
@@ -231,9 +249,15 @@ def run_sweep(
         n_stats_blocks=n_stats_blocks,
         stats_data=stats_data,
         seed=seed,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
     )
+    if heads is not None:
+        heads = check_heads(heads)  # repeats and non-pairs: refused before loading anything
     if prepared is None:
         prepared = prepare(inputs, on_status=on_status)
+    if heads is not None:
+        heads = check_heads(heads, prepared.layout)  # beyond the model: before any run directory
     metric_names = list(metrics) if metrics else prepared.metrics
     for m in metric_names:
         get_metric(m)
@@ -245,7 +269,9 @@ def run_sweep(
         "heads": None if heads is None else [list(h) for h in heads],
         "stats_config": asdict(config),
     }
-    run = RunDir.open(out, kind="sweep", identity=identity, command=command, force=force)
+    run = RunDir.open(
+        out, kind="sweep", identity=identity, command=command, force=force, on_status=on_status
+    )
     try:
         return _execute(
             run,
@@ -261,6 +287,8 @@ def run_sweep(
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise
+    finally:
+        run.close()
 
 
 def _execute(
@@ -277,8 +305,8 @@ def _execute(
     model, layout = prepared.model, prepared.layout
     if not run.file("tokens.safetensors").is_file():
         run.save_tokens(prepared.eval)
-    stats_path = run.file("stats.safetensors")
-    if stats_path.is_file():
+    stats_path = run.verified("stats.safetensors")
+    if stats_path is not None:
         stats = Stats.load(stats_path, model=model)
     else:
         if on_status:
@@ -286,7 +314,8 @@ def _execute(
         stats = collect_stats(
             model, prepared.stats_batch, config=config, batch_size=batch_size, progress=progress
         )
-        stats.save(stats_path)
+        with run.atomic("stats.safetensors") as tmp:
+            stats.save(tmp)
     chosen = list(heads) if heads is not None else layout.heads()
     done = run.done_parts()
     per_layer: dict[int, int] = {}

@@ -75,11 +75,18 @@ def run_l0(
     prepared = prepare(Inputs(**data), on_status=on_status)
     settings = {k: v for k, v in asdict(config).items() if k != "rows_per_forward"}
     identity = {**prepared.identity(), "config": settings}
-    run = RunDir.open(out, kind="l0", identity=identity, command=command, force=force)
+    run = RunDir.open(
+        out, kind="l0", identity=identity, command=command, force=force, on_status=on_status
+    )
     try:
         if not run.file("tokens.safetensors").is_file():
             run.save_tokens(prepared.eval)
-        done = {lam: t for lam in lams if (t := load_tensor(run, _name(lam))) is not None}
+        parts = run.done_parts()  # a fit is done when its gates and its loss curve are intact
+        done = {
+            lam: t
+            for lam in lams
+            if f"curve-lam{lam:g}" in parts and (t := load_tensor(run, _name(lam))) is not None
+        }
         if done and on_status:
             on_status(f"resuming: lam {', '.join(f'{x:g}' for x in done)} already fitted")
         bar = progress_bar(progress, steps * (len(lams) - len(done)), "l0 fits")
@@ -109,22 +116,24 @@ def run_l0(
         finally:
             if bar is not None:
                 bar.close()
+        curves = run.load_parts()
+        run.save_table("tradeoff.csv", res.table)
+        run.save_table("tradeoff.parquet", res.table)
+        run.save_table("heads.parquet", res.heads)
+        run.save_table("curves.parquet", curves)
+        figures = {
+            "tradeoff.png": l0_tradeoff(res.table),
+            "loss_curves.png": loss_curves(curves, "lam"),
+        }
+        for name, fig in figures.items():
+            run.save_figure(name, fig)
+        run.set_status(
+            "complete",
+            kept={f"{r.lam:g}": int(r.n_kept) for r in res.table.itertuples()},
+        )
+        return L0Run(res.table, res.heads, curves, run, figures)
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise
-    curves = run.load_parts()
-    run.save_table("tradeoff.csv", res.table)
-    run.save_table("tradeoff.parquet", res.table)
-    run.save_table("heads.parquet", res.heads)
-    run.save_table("curves.parquet", curves)
-    figures = {
-        "tradeoff.png": l0_tradeoff(res.table),
-        "loss_curves.png": loss_curves(curves, "lam"),
-    }
-    for name, fig in figures.items():
-        run.save_figure(name, fig)
-    run.set_status(
-        "complete",
-        kept={f"{r.lam:g}": int(r.n_kept) for r in res.table.itertuples()},
-    )
-    return L0Run(res.table, res.heads, curves, run, figures)
+    finally:
+        run.close()

@@ -46,9 +46,11 @@ class StatsConfig:
         quantile: ``q`` for the quantile range.
         fixed_range: ``(low, high)`` for ``range="fixed"``.
         warmup_tokens: tokens buffered per layer to fix the histogram range.
-        reservoir: inputs kept for resample ablation (0: none).
+        reservoir: inputs kept for resample ablation (0: none), column by column as given;
+            padding positions (``attention_mask == 0``) are stored as zeros.
         seed: seed of the reservoir sampling.
-        skip_first: leave position 0 (often a BOS attention sink) out of mean/variance/histogram.
+        skip_first: leave each input's first real token (often a BOS attention sink; column 0
+            unless the batch is left-padded) out of mean/variance/histogram.
     """
 
     bins: int = 1000
@@ -197,16 +199,24 @@ class Stats:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise unless ``model`` has the layout and weights these statistics came from."""
-        from headlab.models.load import model_fingerprint
-
         self.check_layout(describe(model))
-        if (
-            self.model_fingerprint is not None
-            and model_fingerprint(model) != self.model_fingerprint
-        ):
+        self.check_fingerprint(model)
+
+    def check_fingerprint(self, model: nn.Module) -> None:
+        """Raise unless ``model``'s weights fingerprint is the one recorded when these statistics
+        were collected; statistics that record none (older files) are accepted. The model's
+        fingerprint is computed once and cached on it (``models.load.cached_fingerprint``), so
+        :func:`headlab.intervene` can call this on every use."""
+        from headlab.models.load import cached_fingerprint
+
+        if self.model_fingerprint is None:
+            return
+        mine = cached_fingerprint(model)
+        if mine != self.model_fingerprint:
             raise StatsMismatchError(
                 "these statistics were collected on a different model (weights fingerprint "
-                f"{self.model_fingerprint[:12]}...); collect statistics on this model"
+                f"{self.model_fingerprint[:12]}...; this model's is {mine[:12]}...); collect "
+                "statistics on this model with hl.collect_stats(model, ...) and pass those"
             )
 
     # -- disk --------------------------------------------------------------------------------
@@ -326,9 +336,8 @@ class StatsCollector:
         flat = z.reshape(z.shape[0], z.shape[1], -1).float().cpu()  # [batch, pos, N]
         self._reserve(layer, flat)
         mask = torch.ones(flat.shape[:2], dtype=torch.bool) if self._mask is None else self._mask
-        if self.config.skip_first:
-            mask = mask.clone()
-            mask[:, 0] = False
+        if self.config.skip_first:  # each row's first real token (column 0 unless left-padded)
+            mask = mask & (mask.cumsum(1) > 1)
         x = flat[mask]  # [tokens, N]
         if x.numel() == 0:
             return
@@ -362,6 +371,8 @@ class StatsCollector:
             )
         keep = self._slots >= 0
         if keep.any():
+            if self._mask is not None:  # padding activations never enter the statistics
+                flat = flat.masked_fill(~self._mask[..., None], 0.0)
             self.res[layer, self._slots[keep]] = flat[keep]
 
     def _moments(self, layer: int, x: torch.Tensor) -> None:
@@ -458,8 +469,9 @@ def collect_stats(
     batch_size: int = 8,
     progress: bool = False,
 ) -> Stats:
-    """Collect statistics of every layer's head outputs in one streaming pass over ``data``."""
-    from headlab.models.load import model_fingerprint
+    """Collect statistics of every layer's head outputs in one streaming pass over ``data``; they
+    record ``model``'s weights fingerprint, and interventions refuse them on another model."""
+    from headlab.models.load import cached_fingerprint
 
     layout = describe(model)
     collector = StatsCollector(layout, config)
@@ -475,10 +487,10 @@ def collect_stats(
     device = next(model.parameters()).device
     with torch.no_grad(), capture(model, collector.update, layout=layout):
         for b in it:
-            inputs = b.to(device).model_inputs()
+            inputs = b.to(device).model_inputs(model)  # with the positions of a left-padded batch
             collector.begin_batch(len(b), b.attention_mask)
             model(**inputs)
-    return collector.finalize(model_fingerprint=model_fingerprint(model), data_fingerprint=digest)
+    return collector.finalize(model_fingerprint=cached_fingerprint(model), data_fingerprint=digest)
 
 
 def _data_digest(batches: list[Batch]) -> str:

@@ -84,8 +84,10 @@ def _targets(
 
 
 def _parts(run: RunDir, prefix: str) -> pd.DataFrame:
-    files = sorted((run.path / "parts").glob(f"{prefix}*.parquet"))
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    table = run.load_parts(prefix)  # each part checked against its checksum
+    if table is None:
+        raise ConfigError(f"run directory {run.path} has no {prefix}* parts")
+    return table
 
 
 def run_steer(
@@ -117,6 +119,8 @@ def run_steer(
     model: str = DEFAULT_MODEL,
     dtype: str = "float32",
     device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     batch_size: int = 8,
     gen_batch_size: int = 16,
     force: bool = False,
@@ -144,6 +148,7 @@ def run_steer(
         select_heads,
         sweep_scores,
     )
+    from headlab.analyses.sweep import check_heads
     from headlab.models.layout import describe, max_positions
     from headlab.models.load import load_model, model_fingerprint
 
@@ -169,16 +174,22 @@ def run_steer(
     config = SteerConfig(
         alphas=tuple(alphas), n_random=n_random, seed=seed, generate=gen, batch_size=batch_size
     )
-    net, tok = load_model(model, dtype=dtype, device=device, on_status=on_status)
+    net, tok = load_model(
+        model, dtype=dtype, device=device, on_status=on_status,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    )  # fmt: skip
     if tok is None or not callable(getattr(tok, "batch_decode", None)):
         raise ConfigError(f"{model} has no text tokenizer; steering generates text")
     layout = describe(net)
+    if heads:
+        heads = check_heads(heads, layout)  # repeated or beyond the model: before any work
     encode_prompts(net, tok, the_concept.prompts, max_new_tokens)  # refuse before any work
     tokens = concept_tokens(tok, the_concept.words, multi=multi_token)
     targets = _targets(tok, data, seq_len, n_blocks, off_task, n_task, seed, max_positions(net))
     identity = {
         "model": model,
         "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
         "model_fingerprint": model_fingerprint(net),
         "concept": asdict(the_concept),
         "token_ids": list(tokens.token_ids),
@@ -195,7 +206,9 @@ def run_steer(
         "off_task": off_task,
         "n_task": n_task,
     }
-    run = RunDir.open(out, kind="steer", identity=identity, command=command, force=force)
+    run = RunDir.open(
+        out, kind="steer", identity=identity, command=command, force=force, on_status=on_status
+    )
     try:
         labels = {}
         for row in tokens.table.itertuples():
@@ -219,7 +232,7 @@ def run_steer(
         chosen = scores
         if select == "sweep":
             if "select-sweep" in run.done_parts():
-                chosen = pd.read_parquet(run.path / "parts" / "select-sweep.parquet")
+                chosen = run.read_part("select-sweep")
             else:
                 say(f"sweeping every head: concept log-mass on {len(sel_batch)} prompts")
                 chosen = sweep_scores(
@@ -266,26 +279,27 @@ def run_steer(
         finally:
             if bar is not None:
                 bar.close()
+        table = with_baseline(_parts(run, "steer-"))
+        gens = _parts(run, "gen-")
+        summary = steer_summary(table)
+        run.save_table("results.parquet", table)
+        run.save_table("summary.csv", summary)
+        with run.atomic("generations.jsonl") as tmp:
+            gens.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        title = f"{the_concept.name}: heads {', '.join(f'{ly}.{h}' for ly, h in selected)}"
+        figures = {"steer.png": steer_figure(table, title=title)}
+        for name, fig in figures.items():
+            run.save_figure(name, fig)
+        rand = random_sets(layout, len(selected), n_random, seed=seed, exclude=selected)
+        run.set_status(
+            "complete",
+            heads=[list(h) for h in selected],
+            random={str(s): [list(h) for h in v] for s, v in rand.items()},
+        )
+        sweep = chosen if select == "sweep" else None
+        return SteerRun(table, summary, scores, selected, rand, gens, run, sweep, figures)
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise
-    table = with_baseline(_parts(run, "steer-"))
-    gens = _parts(run, "gen-")
-    summary = steer_summary(table)
-    run.save_table("results.parquet", table)
-    run.save_table("summary.csv", summary)
-    tmp = run.file(".generations.jsonl.tmp")
-    gens.to_json(tmp, orient="records", lines=True, force_ascii=False)
-    tmp.replace(run.file("generations.jsonl"))
-    title = f"{the_concept.name}: heads {', '.join(f'{ly}.{h}' for ly, h in selected)}"
-    figures = {"steer.png": steer_figure(table, title=title)}
-    for name, fig in figures.items():
-        run.save_figure(name, fig)
-    rand = random_sets(layout, len(selected), n_random, seed=seed, exclude=selected)
-    run.set_status(
-        "complete",
-        heads=[list(h) for h in selected],
-        random={str(s): [list(h) for h in v] for s, v in rand.items()},
-    )
-    sweep = chosen if select == "sweep" else None
-    return SteerRun(table, summary, scores, selected, rand, gens, run, sweep, figures)
+    finally:
+        run.close()

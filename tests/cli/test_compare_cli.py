@@ -121,8 +121,8 @@ def test_compare_cli_reuses_a_sweeps_per_example_data_only(tiny_folder, compared
     ("extra", "message"),
     [
         (("--sweep", "nowhere"), "not a finished headlab sweep run directory"),
-        (("--top-k", "0"), "--top-k must be at least 1"),
-        (("--bootstrap", "-1"), "--bootstrap must be >= 0"),
+        (("--top-k", "0"), "--top-k must be a positive integer, got 0"),
+        (("--bootstrap", "-1"), "--bootstrap must be a non-negative integer, got -1"),
         (("--measures", "atp,shap"), "unknown measure 'shap'"),
         (("--reference", "rollout", "--measures", "atp"), "--reference rollout is not one"),
         (("--metric", "top1"), "'top1' has no gradient"),

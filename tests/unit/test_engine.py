@@ -203,9 +203,11 @@ def test_answer_metrics_project_only_the_answer_position():
     head = Counter(model.lm_head)
     run_plans(model, batch, [hl.Plan.of({(1, h): hl.Zero()}) for h in range(4)], ["logit_diff"])
     head.handle.remove()
-    # the clean pass projects every position (and checks the head); plans project one each
+    # the clean pass projects every position (and checks the head); then the clean run and each
+    # plan are scored by projecting the answer position alone (the model's own head, inside an
+    # intervened forward, projects one position too)
     assert head.shapes[0] == (5, T.SEQ, T.VOCAB)
-    assert all(s == (5, 1, T.VOCAB) for s in head.shapes[2:]) and len(head.shapes) == 6
+    assert all(s == (5, 1, T.VOCAB) for s in head.shapes[1:]) and len(head.shapes) == 2 + 1 + 4 * 2
 
 
 def test_cross_entropy_windows_bound_the_logits():

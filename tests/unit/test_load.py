@@ -136,7 +136,7 @@ def test_unknown_hub_id_offline_suggests_a_local_folder(monkeypatch):
 
 
 def test_hub_failures_are_wrapped(monkeypatch):
-    def fail(ref, dtype, *, local_files_only):
+    def fail(ref, dtype, *, local_files_only, **options):
         if local_files_only:
             raise OSError("not cached")
         raise RuntimeError("connection reset by peer")

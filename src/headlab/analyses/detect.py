@@ -29,7 +29,6 @@ an intervention plan, e.g. to see an induction head fail once its previous-token
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -43,7 +42,7 @@ from headlab.batch import Batch
 from headlab.errors import ConfigError, HeadlabError
 from headlab.hooks import intervene
 from headlab.interventions import Plan, StatsSource, example_offset
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, call_model, describe
 
 __all__ = [
     "DETECTORS",
@@ -91,10 +90,7 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 def _forward_attentions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple:
-    kwargs: dict[str, object] = {"output_attentions": True}
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False
-    out = model(**inputs, **kwargs)
+    out = call_model(model, inputs, output_attentions=True)
     attn = getattr(out, "attentions", None)
     if not attn or any(a is None for a in attn):
         raise HeadlabError(

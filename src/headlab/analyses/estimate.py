@@ -45,7 +45,7 @@ from headlab.interventions import (
     intervention_from_name,
 )
 from headlab.metrics import Metric, Scores, get_metric
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, call_model, describe
 
 __all__ = [
     "ESTIMATE_METHODS",
@@ -141,7 +141,7 @@ def _grad_pass(
         capture(model, zs.__setitem__, layout=layout),
         add_to_heads(model, taps, layout=layout),
     ):
-        logits = model(**chunk.model_inputs()).logits
+        logits = call_model(model, chunk.model_inputs()).logits
         total, weight = _total(metric(logits, chunk, None), metric)
         grads = torch.autograd.grad(total, [taps[ly] for ly in range(layout.n_layers)])
     out: dict[str, torch.Tensor] = {}

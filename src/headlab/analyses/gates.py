@@ -17,7 +17,6 @@ hard-concrete L0 gates (:mod:`.gates_l0`) only supply the gate parametrisation a
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -32,7 +31,8 @@ from headlab.batch import Batch
 from headlab.errors import ConfigError, HeadlabError
 from headlab.hooks import intervene, tap_output_head
 from headlab.interventions import Intervention, Plan, Selection, Site, StatsSource
-from headlab.models.layout import Layout
+from headlab.metrics import next_token_mask
+from headlab.models.layout import Layout, call_model
 
 __all__ = [
     "MaskGate",
@@ -136,14 +136,8 @@ def loss_targets(batch: Batch, what: str = "the batch") -> Targets:
         if rows.numel():
             return Targets("mlm", rows, pos, batch.labels[rows, pos].long(), n)
     elif batch.input_ids is not None:
-        mask = batch.target_mask
-        if mask is None and batch.answer_pos is None:
-            mask = torch.ones_like(batch.input_ids, dtype=torch.bool)
-        if mask is not None:
-            mask = mask.bool().clone()
-            mask[:, 0] = False  # [batch, pos]: token t is predicted at position t - 1
-            if batch.attention_mask is not None:
-                mask &= batch.attention_mask.bool()
+        if batch.target_mask is not None or batch.answer_pos is None:
+            mask = next_token_mask(batch)  # [batch, pos]: token t is predicted at position t - 1
             rows, t = mask.nonzero(as_tuple=True)
             if rows.numel():
                 return Targets("next", rows, t - 1, batch.input_ids[rows, t], n)
@@ -156,12 +150,6 @@ def loss_targets(batch: Batch, what: str = "the batch") -> Targets:
         "half; a corpus scores every token), or use an answer task (answer_pos and correct, "
         "e.g. --task names)"
     )
-
-
-def _call(model: nn.Module, inputs: dict[str, torch.Tensor]) -> object:
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        return model(**inputs, use_cache=False)
-    return model(**inputs)
 
 
 def masked_nll(
@@ -196,7 +184,7 @@ def masked_nll(
                 )
             except HeadlabError:
                 tap = None
-        logits = getattr(_call(model, inputs), "logits", None)
+        logits = getattr(call_model(model, inputs), "logits", None)
     if logits is None:
         raise ConfigError(f"{type(model).__name__} returns no logits; load it with its LM head")
     if targets.kind == "class":

@@ -17,7 +17,7 @@ from torch import nn
 from headlab.analyses.detect import eager_attention
 from headlab.batch import Batch
 from headlab.errors import ConfigError
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, call_model, describe
 
 __all__ = ["rollout_per_example", "rollout_scores"]
 
@@ -108,7 +108,7 @@ def rollout_per_example(
     parts = []
     with torch.no_grad(), eager_attention(model):
         for chunk in batch.chunks(batch_size):
-            out = model(**chunk.to(device).model_inputs(), output_attentions=True)
+            out = call_model(model, chunk.to(device).model_inputs(), output_attentions=True)
             att = getattr(out, "attentions", None)
             if att is None or len(att) != layout.n_layers or any(a is None for a in att):
                 raise ConfigError(

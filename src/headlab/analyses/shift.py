@@ -35,7 +35,7 @@ from headlab.errors import ConfigError
 from headlab.hooks import BlockOutput, blocks_of, capture_blocks, intervene
 from headlab.interventions import Intervention, Plan, StatsSource, example_offset
 from headlab.interventions import intervention_from_name as _parse
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, call_model, describe
 
 __all__ = ["COLUMNS", "Condition", "conditions", "shift", "shift_figure"]
 
@@ -140,7 +140,7 @@ def _residuals(
             stack.enter_context(capture_blocks(blocks, got.__setitem__))
             if len(plan):
                 stack.enter_context(intervene(model, plan, stats=stats))
-            model(**chunk.to(device).model_inputs())
+            call_model(model, chunk.to(device).model_inputs())
         if len(got) != len(blocks):
             raise ConfigError(
                 f"{type(model).__name__}: could not read every block's output (got {len(got)} "

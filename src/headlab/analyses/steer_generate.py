@@ -112,7 +112,8 @@ def generate_ids(
     """The new tokens generated after each prompt (token lists), with ``heads`` rescaled by
     ``alpha`` (none: the clean model). Prompts are left-padded in batches of
     ``config.batch_size``; batch ``b`` samples with ``torch.manual_seed(config.seed + b)`` inside
-    a forked RNG (the caller's random state is untouched)."""
+    a forked RNG (the caller's random state is untouched). ``model.generate`` numbers each row's
+    positions from the attention mask, so a padded prompt gives the logits it gives alone."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("give at least one prompt, and no empty prompt")
     limit = max_positions(model)

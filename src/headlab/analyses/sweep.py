@@ -9,7 +9,8 @@ positive always means "ablating this head hurts" (``-delta`` for metrics where h
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Container, Iterator, Sequence
+import operator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -18,11 +19,21 @@ from torch import nn
 
 from headlab.batch import Batch
 from headlab.engine import run_plans
+from headlab.errors import ConfigError
 from headlab.interventions import Intervention, Plan, StatsSource, intervention_from_name
 from headlab.metrics import Metric, Scores, get_metric
 from headlab.models.layout import Layout, describe
 
-__all__ = ["COLUMNS", "SweepPart", "effect", "rank_heads", "sweep", "sweep_parts", "tidy"]
+__all__ = [
+    "COLUMNS",
+    "SweepPart",
+    "check_heads",
+    "effect",
+    "rank_heads",
+    "sweep",
+    "sweep_parts",
+    "tidy",
+]
 
 COLUMNS = [
     "layer",
@@ -102,15 +113,51 @@ def _rows(
     return rows
 
 
+def check_heads(
+    heads: Iterable[Sequence[int]], layout: Layout | None = None
+) -> list[tuple[int, int]]:
+    """``heads`` as a list of ``(layer, head)`` integer pairs, in the order given; refused (with
+    :class:`ConfigError`) if empty, if a head repeats, if an item is not a pair of integers, or,
+    given ``layout``, if a head is not in the model. The one check of a chosen set of heads: the
+    sweep, ``run_sweep`` and the CLI's ``--heads`` all use it."""
+    out: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for pair in heads:
+        try:
+            ly, h = (operator.index(x) for x in pair)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"heads must be (layer, head) pairs of integers, e.g. [(3, 5), (10, 1)]; got "
+                f"{pair!r}"
+            ) from None
+        if (ly, h) in seen:
+            raise ConfigError(f"head {ly}.{h} is given twice; list each head once")
+        if layout is not None:
+            try:
+                layout.check_head(ly, h)
+            except ConfigError as err:
+                raise ConfigError(
+                    f"{err}; choose heads this model has (layers 0..{layout.n_layers - 1}, heads "
+                    f"0..{layout.n_heads - 1})"
+                ) from None
+        seen.add((ly, h))
+        out.append((ly, h))
+    if not out:
+        raise ConfigError(
+            "no heads given; list at least one (layer, head) pair, or pass heads=None (CLI: omit "
+            "--heads) for every head"
+        )
+    return out
+
+
 def heads_by_layer(
     layout: Layout, heads: Sequence[tuple[int, int]] | None = None
 ) -> dict[int, list[int]]:
-    """``{layer: [head, ...]}`` of ``heads`` (default: every head), each checked against
-    ``layout``, in the order given."""
-    chosen = list(heads) if heads is not None else layout.heads()
+    """``{layer: [head, ...]}`` of ``heads`` (default: every head), checked by
+    :func:`check_heads` against ``layout``, in the order given."""
+    chosen = check_heads(heads, layout) if heads is not None else layout.heads()
     out: dict[int, list[int]] = {}
     for ly, h in chosen:
-        layout.check_head(ly, h)
         out.setdefault(ly, []).append(h)
     return out
 

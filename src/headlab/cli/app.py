@@ -55,7 +55,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error argparse already printed
+        return done.code if isinstance(done.code, int) else 2
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2

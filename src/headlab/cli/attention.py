@@ -7,7 +7,14 @@ import argparse
 import sys
 from typing import Any
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, parse_heads
+from headlab.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    csv_list,
+    parse_heads,
+    positive_int,
+)
 from headlab.cli.common import status as status_printer
 from headlab.cli.shared import add_stats_args, int_list, load_parts, open_run, prepared_inputs
 from headlab.errors import ConfigError
@@ -28,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("patterns")
     g.add_argument("--prompt", default=None, metavar="TEXT", help="prompt whose patterns to draw")
     g.add_argument(
-        "--heads", default=None, metavar="L.H,...", help="also draw these heads one per figure"
+        "--heads",
+        type=parse_heads,
+        default=None,
+        metavar="L.H,...",
+        help="also draw these heads one per figure",
     )
     g.add_argument(
         "--layers", type=int_list, default=None, metavar="L,...", help="grid: only these layers"
@@ -58,10 +69,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(activations from the statistics split, position-aligned)",
     )
     g.add_argument("--metric", default=None, help="default: the task's metric, ce for corpora")
-    g.add_argument("--top-k", type=int, default=10, help="top-k overlap of the two rankings")
-    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of examples")
+    g.add_argument(
+        "--top-k",
+        type=positive_int("--top-k"),
+        default=10,
+        help="top-k overlap of the two rankings",
+    )
+    g.add_argument(
+        "--n-boot",
+        type=positive_int("--n-boot"),
+        default=1000,
+        help="bootstrap resamples of examples",
+    )
     g.add_argument("--ci", type=float, default=0.95, help="confidence level of the interval")
-    g.add_argument("--top", type=int, default=5, help="heads to print per ranking")
+    g.add_argument(
+        "--top", type=positive_int("--top"), default=5, help="heads to print per ranking"
+    )
     add_stats_args(p)
     add_run_args(p)
 
@@ -91,9 +114,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         from headlab.models.load import load_model, model_fingerprint
 
-        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, on_status=say)
+        model, tok = load_model(
+            args.model, dtype=args.dtype, device=args.device, on_status=say,
+            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        )  # fmt: skip
         fingerprint = model_fingerprint(model)
-        identity = {"model": args.model, "dtype": args.dtype, "model_fingerprint": fingerprint}
+        identity = {
+            "model": args.model, "dtype": args.dtype, "model_fingerprint": fingerprint,
+            "trust_remote_code": args.trust_remote_code,
+        }  # fmt: skip
     bos = {"auto": None, "yes": True, "no": False}[args.prepend_bos]
     identity |= {"prompt": args.prompt, "prepend_bos": bos}
     prompt = None
@@ -111,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         command = ["headlab", *sys.argv[1:]]
         run_dir = RunDir.open(
-            args.out, kind="attention", identity=identity, command=command, force=args.force
-        )
+            args.out, kind="attention", identity=identity, command=command, force=args.force,
+            on_status=say,
+        )  # fmt: skip
     try:
         if prompt is not None:
             _patterns(args, run_dir, model, tok, prompt, heads)

@@ -7,7 +7,13 @@ import argparse
 
 import pandas as pd
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, parse_heads
+from headlab.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    parse_heads,
+    positive_int,
+)
 from headlab.cli.common import status as status_printer
 from headlab.cli.shared import (
     add_stats_args,
@@ -33,8 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cascade")
     g.add_argument("--method", default="zero", help="ablation method (zero, mean, peak, ...)")
     g.add_argument("--metric", default=None, help="one metric (default: ce, or the task's own)")
-    g.add_argument("--steps", type=int, default=4, help="heads to remove (one round each)")
-    g.add_argument("--heads", default=None, metavar="L.H,...", help="candidates (default: all)")
+    g.add_argument(
+        "--steps", type=positive_int("--steps"), default=4, help="heads to remove (one round each)"
+    )
+    g.add_argument(
+        "--heads",
+        type=parse_heads,
+        default=None,
+        metavar="L.H,...",
+        help="candidates (default: all)",
+    )
     g.add_argument(
         "--share",
         type=float,
@@ -71,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     # fail fast on a target this tokenizer cannot build
     targets = off_target_targets(args, prepared, say)
     metric = args.metric or prepared.metrics[0]
-    heads = parse_heads(args.heads)
+    heads = parse_heads(args.heads, prepared.layout)  # heads beyond the model: before any work
     extra = {
         "method": args.method, "metric": metric, "steps": args.steps,
         "heads": None if heads is None else [list(h) for h in heads],
@@ -83,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir, prepared, bins=args.bins, reservoir=args.reservoir, seed=args.seed,
             batch_size=args.batch_size, on_status=say,
         )  # fmt: skip
-        files = sorted((run_dir.path / "parts").glob("cascade-*.parquet"))
-        done = removed_heads(pd.concat([pd.read_parquet(f) for f in files])) if files else []
+        done = _finished_rounds(run_dir)
         for step in cascade_steps(
             prepared.model, prepared.eval, method=args.method, metric=metric, steps=args.steps,
             heads=heads, stats=stats, removed=done, batch_size=args.batch_size,
@@ -128,6 +141,20 @@ def run(args: argparse.Namespace) -> int:
     _print(table, backups, gone)
     print(f"\nrun directory: {run_dir.path}")
     return 0
+
+
+def _finished_rounds(run_dir) -> list[tuple[int, int]]:
+    """The heads removed by the rounds already saved, in order. Each round builds on the ones
+    before it, so the rounds after a missing one (a damaged part dropped on resume) are redone."""
+    from headlab.analyses.cascade import removed_heads
+
+    keys = sorted(k for k in run_dir.done_parts() if k.startswith("cascade-step"))
+    n = next((i for i, k in enumerate(keys) if k != f"cascade-step{i:03d}"), len(keys))
+    for key in keys[n:]:
+        run_dir.drop_part(key, "follows a round that is recomputed")
+    if n == 0:
+        return []
+    return removed_heads(pd.concat([run_dir.read_part(k) for k in keys[:n]], ignore_index=True))
 
 
 def _print(table: pd.DataFrame, backups: pd.DataFrame, gone: list[tuple[int, int]]) -> None:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from headlab.models.load import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from headlab.models.layout import Layout
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +29,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="weights and activations dtype",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code a model folder ships (config.json auto_map) when transformers "
+        "has no built-in class for it; only for code you trust (recorded in the manifest)",
+    )
+    g.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickled pytorch_model.bin weights when the folder has no safetensors file "
+        "(unpickling can run code; converting to safetensors is safer)",
+    )
 
 
 def add_data_args(
@@ -48,16 +65,19 @@ def add_data_args(
     g.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
     g.add_argument(
         "--seq-len",
-        type=int,
+        type=positive_int("--seq-len"),
         default=None,
         help="tokens per block (corpora: default 128; induction: default 65)",
     )
     g.add_argument(
-        "--n-blocks", type=int, default=n_blocks, help="evaluation blocks (or task examples)"
+        "--n-blocks",
+        type=positive_int("--n-blocks"),
+        default=n_blocks,
+        help="evaluation blocks (or task examples)",
     )
     g.add_argument(
         "--n-stats-blocks",
-        type=int,
+        type=positive_int("--n-stats-blocks"),
         default=16,
         help="blocks for activation statistics, disjoint from evaluation",
     )
@@ -82,7 +102,12 @@ def add_run_args(p: argparse.ArgumentParser, *, default_out: str | None = None) 
     g.add_argument(
         "--force", action="store_true", help="overwrite --out even if it holds a different run"
     )
-    g.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    g.add_argument(
+        "--batch-size",
+        type=positive_int("--batch-size"),
+        default=8,
+        help="examples per forward pass",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
 
@@ -90,21 +115,74 @@ def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def parse_heads(text: str | None) -> list[tuple[int, int]] | None:
-    """``"3.5,4.0"`` or ``"3:5,4:0"`` -> [(3, 5), (4, 0)]."""
+def _int_at_least(option: str, low: int, words: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{option} must be {words}, got {text}")
+        return value
+
+    parse.__name__ = words  # argparse names the type in some messages
+    return parse
+
+
+def positive_int(option: str) -> Callable[[str], int]:
+    """An argparse ``type`` for a count: ``"--batch-size must be a positive integer, got 0"``."""
+    return _int_at_least(option, 1, "a positive integer")
+
+
+def non_negative_int(option: str) -> Callable[[str], int]:
+    """An argparse ``type`` for a count that may be 0 (``--reservoir``, ``--n-random``)."""
+    return _int_at_least(option, 0, "a non-negative integer")
+
+
+def parse_heads(
+    text: str | Sequence[tuple[int, int]] | None, layout: Layout | None = None
+) -> list[tuple[int, int]] | None:
+    """``"3.5,4.0"`` or ``"3:5,4:0"`` -> [(3, 5), (4, 0)]: the argparse ``type`` of ``--heads``
+    (so a bad value is a usage error before any work); an already parsed list is returned as is.
+    Empty, malformed, negative or repeated heads are refused; with ``layout`` (once the model is
+    loaded, before any run directory) so are heads the model does not have, as a ConfigError. Both
+    checks are :func:`headlab.analyses.sweep.check_heads`, the one the Python API uses."""
     if text is None:
         return None
+    heads = _heads_from_text(text) if isinstance(text, str) else list(text)
+    if layout is None:
+        return heads
+    from headlab.analyses.sweep import check_heads
+
+    return check_heads(heads, layout)
+
+
+def _heads_from_text(text: str) -> list[tuple[int, int]]:
+    from headlab.analyses.sweep import check_heads
+    from headlab.errors import ConfigError
+
+    items = csv_list(text)
+    if not items:
+        raise argparse.ArgumentTypeError(
+            f"no heads given (got {text!r}); list LAYER.HEAD pairs such as 3.5,10.1, or omit "
+            "--heads"
+        )
     out = []
-    for item in csv_list(text):
+    for item in items:
         sep = "." if "." in item else ":"
         try:
             layer, head = (int(x) for x in item.split(sep))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"--heads takes LAYER.HEAD pairs separated by commas (e.g. 3.5,10.1), got {item!r}"
+                f"expected LAYER.HEAD pairs separated by commas (e.g. 3.5,10.1), got {item!r}"
             ) from None
+        if layer < 0 or head < 0:
+            raise argparse.ArgumentTypeError(f"layer and head must be >= 0, got {item!r}")
         out.append((layer, head))
-    return out
+    try:
+        return check_heads(out)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def data_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -120,6 +198,8 @@ def data_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "n_stats_blocks": args.n_stats_blocks,
         "stats_data": args.stats_data,
         "seed": args.seed,
+        "trust_remote_code": args.trust_remote_code,
+        "allow_pickle": args.allow_pickle,
     }
 
 

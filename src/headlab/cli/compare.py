@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list
+from headlab.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    csv_list,
+    non_negative_int,
+    positive_int,
+)
 from headlab.cli.common import status as status_printer
 from headlab.cli.shared import (
     add_stats_args,
@@ -52,9 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--reference", default=None, help="measure to correlate with (default: ablation:FIRST)"
     )
-    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of examples")
+    g.add_argument(
+        "--bootstrap",
+        type=non_negative_int("--bootstrap"),
+        default=1000,
+        help="bootstrap resamples of examples",
+    )
     g.add_argument("--ci", type=float, default=0.95, help="bootstrap interval level")
-    g.add_argument("--top-k", type=int, default=10, help="top-k overlap size")
+    g.add_argument("--top-k", type=positive_int("--top-k"), default=10, help="top-k overlap size")
     g.add_argument(
         "--sweep",
         default=None,
@@ -124,7 +136,12 @@ def _reuse_sweep(args, prepared, run_dir, names, metric, say) -> None:
             why = "other blocks of the data" if not same else "no per-example data"
             say(f"--sweep {args.sweep}: {why}; computing the exact ablations here")
         return
-    table = pd.read_parquet(path)
+    try:
+        table = pd.read_parquet(path)
+    except Exception as err:
+        raise ConfigError(
+            f"{path} is damaged ({err}); re-run that sweep to rewrite it, or omit --sweep"
+        ) from None
     if not set(PER_EXAMPLE_COLUMNS) <= set(table.columns):
         raise ConfigError(f"{path} lacks the per-example columns {PER_EXAMPLE_COLUMNS}")
     done = run_dir.done_parts()

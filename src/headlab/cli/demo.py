@@ -14,11 +14,18 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from headlab.cli.common import positive_int
+
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--method", default="zero,mean,peak", help="methods to compare")
-    p.add_argument("--n", type=int, default=4, help="induction sequences")
-    p.add_argument("--seq-len", type=int, default=41, help="tokens per sequence (1 + 2 x 20)")
+    p.add_argument("--n", type=positive_int("--n"), default=4, help="induction sequences")
+    p.add_argument(
+        "--seq-len",
+        type=positive_int("--seq-len"),
+        default=41,
+        help="tokens per sequence (1 + 2 x 20)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list
+from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, positive_int
 from headlab.cli.shared import open_run, prepared_inputs
 from headlab.errors import ConfigError
 
@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--exclude-current-token", action="store_true", help="ignore attention to the query itself"
     )
     g.add_argument("--threshold", type=float, default=0.4, help="score that counts as a detection")
-    g.add_argument("--top", type=int, default=5, help="heads to print per detector")
+    g.add_argument(
+        "--top", type=positive_int("--top"), default=5, help="heads to print per detector"
+    )
     add_run_args(p)
 
 

@@ -12,7 +12,15 @@ from typing import Any
 
 import pandas as pd
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, status
+from headlab.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    csv_list,
+    non_negative_int,
+    positive_int,
+    status,
+)
 
 NAME = "estimate"
 HELP = (
@@ -40,22 +48,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--exact-top",
-        type=int,
+        type=non_negative_int("--exact-top"),
         default=0,
         metavar="K",
         help="also ablate the K heads with the largest estimates exactly (plus --n-random "
         "others) and report the Spearman correlation of estimate and exact effect",
     )
-    g.add_argument("--n-random", type=int, default=10, help="random heads checked exactly")
+    g.add_argument(
+        "--n-random",
+        type=non_negative_int("--n-random"),
+        default=10,
+        help="random heads checked exactly",
+    )
     g.add_argument(
         "--rollout-sources",
         default="context",
         choices=["context", "previous"],
         help="rollout: mass routed from the target position to positions 1..t-1 or to t-1",
     )
-    g.add_argument("--bins", type=int, default=1000, help="histogram bins for atp:peak")
+    g.add_argument(
+        "--bins", type=positive_int("--bins"), default=1000, help="histogram bins for atp:peak"
+    )
     add_run_args(p)
-    p.add_argument("--top", type=int, default=5, help="heads to print per method")
+    p.add_argument("--top", type=positive_int("--top"), default=5, help="heads to print per method")
 
 
 @dataclass
@@ -131,57 +146,62 @@ def run_estimate(
         "rollout_sources": rollout_sources,
         "stats_config": asdict(config),
     }
-    run = RunDir.open(out, kind="estimate", identity=identity, command=command, force=force)
-    run.save_tokens(batch)
-    stats = None
-    if _needs_stats(methods):
-        if on_status:
-            on_status(f"collecting statistics on {len(prepared.stats_batch)} inputs")
-        stats = collect_stats(model, prepared.stats_batch, config=config, batch_size=batch_size)
-    common = {"stats": stats, "counterfactual": counterfactual, "batch_size": batch_size}
-    if on_status:
-        on_status(f"estimating {', '.join(methods)} for every head")
-    table = estimate(
-        model,
-        batch,
-        methods=methods,
-        metrics=metric_names,
-        rollout_sources=rollout_sources,
-        layout=prepared.layout,
-        **common,
+    run = RunDir.open(
+        out, kind="estimate", identity=identity, command=command, force=force, on_status=on_status
     )
-    exact, correlation = None, None
-    if exact_top > 0:
-        checks = []
-        for method in methods:
-            for metric in metric_names if method != "rollout" else metric_names[:1]:
-                if on_status:
-                    on_status(f"{method}: exact ablation of {exact_top} + {n_random} heads")
-                checks.append(
-                    estimate_then_exact(
-                        model,
-                        batch,
-                        method=method,
-                        metric=metric,
-                        exact_top=exact_top,
-                        n_random=n_random,
-                        seed=prepared.inputs.seed,
-                        layout=prepared.layout,
-                        estimates=table,
-                        **common,
+    try:
+        run.save_tokens(batch)
+        stats = None
+        if _needs_stats(methods):
+            if on_status:
+                on_status(f"collecting statistics on {len(prepared.stats_batch)} inputs")
+            stats = collect_stats(model, prepared.stats_batch, config=config, batch_size=batch_size)
+        common = {"stats": stats, "counterfactual": counterfactual, "batch_size": batch_size}
+        if on_status:
+            on_status(f"estimating {', '.join(methods)} for every head")
+        table = estimate(
+            model,
+            batch,
+            methods=methods,
+            metrics=metric_names,
+            rollout_sources=rollout_sources,
+            layout=prepared.layout,
+            **common,
+        )
+        exact, correlation = None, None
+        if exact_top > 0:
+            checks = []
+            for method in methods:
+                for metric in metric_names if method != "rollout" else metric_names[:1]:
+                    if on_status:
+                        on_status(f"{method}: exact ablation of {exact_top} + {n_random} heads")
+                    checks.append(
+                        estimate_then_exact(
+                            model,
+                            batch,
+                            method=method,
+                            metric=metric,
+                            exact_top=exact_top,
+                            n_random=n_random,
+                            seed=prepared.inputs.seed,
+                            layout=prepared.layout,
+                            estimates=table,
+                            **common,
+                        )
                     )
-                )
-        exact = pd.concat([c.exact for c in checks], ignore_index=True)
-        exact = tidy(exact.drop_duplicates(["layer", "head", "method", "metric"]))
-        correlation = pd.concat([c.correlation for c in checks], ignore_index=True)
-        run.save_table("exact.parquet", exact)
-        run.save_table("correlation.csv", correlation)
-    run.save_table("estimates.parquet", table)
-    run.save_table("ranking.csv", rank_heads(table))
-    for name, fig in _figures(table).items():
-        run.save_figure(name, fig)
-    run.set_status("complete")
-    return EstimateResult(table, exact, correlation, run)
+            exact = pd.concat([c.exact for c in checks], ignore_index=True)
+            exact = tidy(exact.drop_duplicates(["layer", "head", "method", "metric"]))
+            correlation = pd.concat([c.correlation for c in checks], ignore_index=True)
+            run.save_table("exact.parquet", exact)
+            run.save_table("correlation.csv", correlation)
+        run.save_table("estimates.parquet", table)
+        run.save_table("ranking.csv", rank_heads(table))
+        for name, fig in _figures(table).items():
+            run.save_figure(name, fig)
+        run.set_status("complete")
+        return EstimateResult(table, exact, correlation, run)
+    finally:
+        run.close()
 
 
 def _figures(table: pd.DataFrame) -> dict[str, Any]:

@@ -10,7 +10,15 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, data_kwargs, status
+from headlab.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    data_kwargs,
+    non_negative_int,
+    positive_int,
+    status,
+)
 
 if TYPE_CHECKING:
     from headlab.gate_jobs import GateRun
@@ -34,11 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("gate fits")
     g.add_argument(
         "--steps",
-        type=int,
+        type=positive_int("--steps"),
         default=DEFAULT_STEPS,
         help="Adam updates per fit (paper: 500; fewer keeps a default-model run on CPU short)",
     )
-    g.add_argument("--reg-steps", type=int, default=None, help="updates of the +lam/-lam fits")
+    g.add_argument(
+        "--reg-steps",
+        type=positive_int("--reg-steps"),
+        default=None,
+        help="updates of the +lam/-lam fits",
+    )
     g.add_argument(
         "--lam",
         type=float,
@@ -46,7 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="regularisation magnitude: loss = NLL - lam*mean(clip(theta,-4,4)); the fits use "
         "+lam (keep heads) and -lam (remove heads)",
     )
-    g.add_argument("--masks", type=int, default=DEFAULT_MASKS, help="masks fitted in parallel")
+    g.add_argument(
+        "--masks",
+        type=positive_int("--masks"),
+        default=DEFAULT_MASKS,
+        help="masks fitted in parallel",
+    )
     g.add_argument("--lr", type=float, default=None, help="Adam lr (CHG 1.0; contrastive 0.1)")
     g.add_argument("--threshold", type=float, default=0.5, help="gate level for 'high'")
     g.add_argument(
@@ -73,8 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     v = p.add_argument_group("validation")
     v.add_argument("--validate", action="store_true", help="ablate labelled vs random heads")
-    v.add_argument("--k", type=int, default=5, help="heads per ablated group")
-    v.add_argument("--random", type=int, default=5, help="random groups (seeds)")
+    v.add_argument("--k", type=positive_int("--k"), default=5, help="heads per ablated group")
+    v.add_argument(
+        "--random", type=non_negative_int("--random"), default=5, help="random groups (seeds)"
+    )
     v.add_argument("--metric", default=None, help="validation metric (default: the task's)")
     add_run_args(p)
 

@@ -15,6 +15,7 @@ from headlab.cli.common import (
     add_run_args,
     csv_list,
     data_kwargs,
+    positive_int,
     status,
 )
 from headlab.errors import ConfigError
@@ -43,9 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="L1,L2,...",
         help="penalty weights to sweep (>= 0); loss = NLL + lam * sum_heads P(gate != 0) / layers",
     )
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Adam updates per weight")
+    g.add_argument(
+        "--steps",
+        type=positive_int("--steps"),
+        default=DEFAULT_STEPS,
+        help="Adam updates per weight",
+    )
     g.add_argument("--lr", type=float, default=0.3, help="Adam learning rate of log alpha")
-    g.add_argument("--samples", type=int, default=1, help="gate samples per update")
+    g.add_argument(
+        "--samples", type=positive_int("--samples"), default=1, help="gate samples per update"
+    )
     g.add_argument("--metric", default=None, help="evaluation metric (default: the task's)")
     add_run_args(p)
 

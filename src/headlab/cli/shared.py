@@ -5,7 +5,6 @@ statistics kept in the run directory, and a sweep either read from an earlier ``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,11 +12,11 @@ from typing import Any
 
 import pandas as pd
 
-from headlab.cli.common import csv_list, data_kwargs
+from headlab.cli.common import csv_list, data_kwargs, non_negative_int, positive_int
 from headlab.cli.common import status as status_printer
 from headlab.errors import ConfigError
 from headlab.jobs import Inputs, Prepared, prepare
-from headlab.runs import RunDir
+from headlab.runs import RunDir, read_manifest
 from headlab.stats import Stats, StatsConfig, collect_stats
 
 
@@ -33,8 +32,9 @@ def open_run(
     """Open (or resume) ``args.out`` for a ``kind`` run of ``prepared`` with options ``extra``."""
     identity = {**prepared.identity(), **extra}
     run = RunDir.open(
-        args.out, kind=kind, identity=identity, command=["headlab", *sys.argv[1:]], force=args.force
-    )
+        args.out, kind=kind, identity=identity, command=["headlab", *sys.argv[1:]],
+        force=args.force, on_status=status_printer(args),
+    )  # fmt: skip
     if not run.file("tokens.safetensors").is_file():
         run.save_tokens(prepared.eval)
     return run
@@ -51,8 +51,8 @@ def run_stats(
     on_status: Callable[[str], None] | None = None,
 ) -> Stats:
     """The run's activation statistics: loaded from the run directory, else collected and saved."""
-    path = run.file("stats.safetensors")
-    if path.is_file():
+    path = run.verified("stats.safetensors")
+    if path is not None:
         return Stats.load(path, model=prepared.model)
     if on_status:
         on_status(f"collecting statistics on {len(prepared.stats_batch)} inputs")
@@ -60,7 +60,8 @@ def run_stats(
     stats = collect_stats(
         prepared.model, prepared.stats_batch, config=config, batch_size=batch_size
     )
-    stats.save(path)
+    with run.atomic("stats.safetensors") as tmp:
+        stats.save(tmp)
     return stats
 
 
@@ -76,7 +77,7 @@ def load_sweep(path: str | Path, prepared: Prepared) -> tuple[pd.DataFrame, bool
             f"--sweep {folder} is not a finished headlab sweep run directory (no manifest.json "
             "and results.parquet); run `headlab sweep --out DIR` first or omit --sweep"
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(folder)
     if manifest.get("kind") != "sweep":
         raise ConfigError(f"--sweep {folder} holds a {manifest.get('kind')!r} run, not a sweep")
     theirs, mine = manifest.get("identity", {}), prepared.identity()
@@ -92,7 +93,13 @@ def load_sweep(path: str | Path, prepared: Prepared) -> tuple[pd.DataFrame, bool
                 f"{mine.get(key)!r}); sweep the same --data/--task and --seq-len, or omit --sweep"
             )
     same = theirs.get("eval_fingerprint") == mine["eval_fingerprint"]
-    return pd.read_parquet(folder / "results.parquet"), same
+    try:
+        return pd.read_parquet(folder / "results.parquet"), same
+    except Exception as err:
+        raise ConfigError(
+            f"{folder / 'results.parquet'} is damaged ({err}); re-run that sweep to rewrite it "
+            "(delete the file, then the same `headlab sweep` command), or omit --sweep"
+        ) from None
 
 
 def saved_sweep(
@@ -124,10 +131,10 @@ def saved_sweep(
 
 def load_parts(run: RunDir, prefix: str) -> pd.DataFrame:
     """The concatenated parts of ``run`` whose keys start with ``prefix``."""
-    files = sorted((run.path / "parts").glob(f"{prefix}*.parquet"))
-    if not files:
+    table = run.load_parts(prefix)  # each part checked against its checksum
+    if table is None:
         raise ConfigError(f"run directory {run.path} has no {prefix}* parts")
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return table
 
 
 def float_list(text: str) -> list[float]:
@@ -150,8 +157,15 @@ def int_list(text: str) -> list[int]:
 
 def add_stats_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("statistics")
-    g.add_argument("--bins", type=int, default=1000, help="histogram bins for peak")
-    g.add_argument("--reservoir", type=int, default=16, help="donor inputs for resample")
+    g.add_argument(
+        "--bins", type=positive_int("--bins"), default=1000, help="histogram bins for peak"
+    )
+    g.add_argument(
+        "--reservoir",
+        type=non_negative_int("--reservoir"),
+        default=16,
+        help="donor inputs for resample",
+    )
 
 
 def off_target_targets(

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, parse_heads
+from headlab.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    csv_list,
+    parse_heads,
+    positive_int,
+)
 from headlab.cli.common import status as status_printer
 from headlab.cli.shared import (
     add_stats_args,
@@ -31,8 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
     g = p.add_argument_group("shift")
     g.add_argument("--method", default="zero,mean,peak,resample", help="comma-separated methods")
-    g.add_argument("--top-k", type=int, default=5, help="ablate the k most important heads")
-    g.add_argument("--heads", default=None, metavar="L.H,...", help="these heads instead")
+    g.add_argument(
+        "--top-k", type=positive_int("--top-k"), default=5, help="ablate the k most important heads"
+    )
+    g.add_argument(
+        "--heads", type=parse_heads, default=None, metavar="L.H,...", help="these heads instead"
+    )
     g.add_argument("--sweep", default=None, metavar="DIR", help="a headlab sweep run to rank by")
     g.add_argument(
         "--rank-method", default="zero", help="the sweep method whose ranking picks the heads"
@@ -54,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     prepared = prepared_inputs(args)
-    heads = parse_heads(args.heads)
+    heads = parse_heads(args.heads, prepared.layout)  # heads beyond the model: before any work
     extra = {
         "methods": methods, "top_k": args.top_k, "heads": heads, "sweep": args.sweep,
         "rank_method": args.rank_method, "each": args.each, "skip_first": args.skip_first,

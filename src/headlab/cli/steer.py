@@ -12,7 +12,14 @@ import math
 import sys
 from pathlib import Path
 
-from headlab.cli.common import add_model_args, add_run_args, parse_heads, status
+from headlab.cli.common import (
+    add_model_args,
+    add_run_args,
+    non_negative_int,
+    parse_heads,
+    positive_int,
+    status,
+)
 from headlab.cli.shared import float_list
 
 NAME = "steer"
@@ -59,16 +66,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pursuit: SOMP reconstruction score; sweep: zero-ablate each head, "
         "concept log-mass drop; heads: --heads",
     )
-    s.add_argument("--heads", default=None, metavar="L.H,...", help="steer these heads")
-    s.add_argument("--k", type=int, default=3, help="heads to select (3 is ~1%% of 270)")
+    s.add_argument(
+        "--heads", type=parse_heads, default=None, metavar="L.H,...", help="steer these heads"
+    )
+    s.add_argument(
+        "--k", type=positive_int("--k"), default=3, help="heads to select (3 is ~1%% of 270)"
+    )
     s.add_argument(
         "--controls",
-        type=int,
+        type=non_negative_int("--controls"),
         default=3,
         help="random-token dictionaries of the concept's size; heads are ranked by pursuit score "
         "minus their mean score on these (0: the raw score)",
     )
-    s.add_argument("--steps", type=int, default=5, help="SOMP steps (atoms) per head")
+    s.add_argument(
+        "--steps", type=positive_int("--steps"), default=5, help="SOMP steps (atoms) per head"
+    )
     s.add_argument(
         "--positions",
         default="last",
@@ -83,11 +96,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="A,B,...",
         help="scales of the heads' outputs (1 = clean)",
     )
-    g.add_argument("--n-random", type=int, default=3, help="random head sets (seeds)")
-    g.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per prompt")
+    g.add_argument(
+        "--n-random",
+        type=non_negative_int("--n-random"),
+        default=3,
+        help="random head sets (seeds)",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=positive_int("--max-new-tokens"),
+        default=24,
+        help="tokens generated per prompt",
+    )
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest (0: all)")
+    g.add_argument(
+        "--top-k",
+        type=non_negative_int("--top-k"),
+        default=50,
+        help="sample from the k likeliest (0: all)",
+    )
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument(
         "--seed",
@@ -95,7 +123,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="sampling seed (same in every condition) and first random-head seed",
     )
-    g.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate call")
+    g.add_argument(
+        "--gen-batch-size",
+        type=positive_int("--gen-batch-size"),
+        default=16,
+        help="prompts per generate call",
+    )
     o = p.add_argument_group("off-target cost")
     o.add_argument(
         "--data",
@@ -103,15 +136,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME_OR_PATH",
         help="corpus whose cross-entropy is measured ('none' to skip)",
     )
-    o.add_argument("--seq-len", type=int, default=64, help="tokens per corpus block")
-    o.add_argument("--n-blocks", type=int, default=8, help="corpus blocks")
+    o.add_argument(
+        "--seq-len", type=positive_int("--seq-len"), default=64, help="tokens per corpus block"
+    )
+    o.add_argument("--n-blocks", type=positive_int("--n-blocks"), default=8, help="corpus blocks")
     o.add_argument(
         "--off-task",
         default="capitals",
         metavar="NAME",
         help="built-in task scored with its own metric ('none' to skip)",
     )
-    o.add_argument("--n-task", type=int, default=16, help="task examples")
+    o.add_argument("--n-task", type=positive_int("--n-task"), default=16, help="task examples")
     add_run_args(p)
 
 
@@ -158,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
         batch_size=args.batch_size,
         gen_batch_size=args.gen_batch_size,
         force=args.force,

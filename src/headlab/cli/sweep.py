@@ -11,7 +11,9 @@ from headlab.cli.common import (
     add_run_args,
     csv_list,
     data_kwargs,
+    non_negative_int,
     parse_heads,
+    positive_int,
     status,
 )
 
@@ -39,17 +41,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "answer_acc (default: ce for corpora, the task's own metric for tasks)",
     )
     g.add_argument(
-        "--heads", default=None, metavar="L.H,...", help="only these heads (default: all)"
+        "--heads",
+        type=parse_heads,
+        default=None,
+        metavar="L.H,...",
+        help="only these heads (default: all)",
     )
-    g.add_argument("--bins", type=int, default=1000, help="histogram bins for peak and median")
+    g.add_argument(
+        "--bins",
+        type=positive_int("--bins"),
+        default=1000,
+        help="histogram bins for peak and median",
+    )
     g.add_argument(
         "--reservoir",
-        type=int,
+        type=non_negative_int("--reservoir"),
         default=16,
         help="statistics inputs kept as donors for resample ablation",
     )
     add_run_args(p)
-    p.add_argument("--top", type=int, default=5, help="heads to print per method")
+    p.add_argument("--top", type=positive_int("--top"), default=5, help="heads to print per method")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ is the one registration point; :func:`describe` turns a loaded model into a :cla
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "find_family",
     "max_positions",
     "register_family",
+    "with_position_ids",
 ]
 
 
@@ -288,3 +290,66 @@ def max_positions(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _first_position(model: nn.Module) -> tuple[int, int]:
+    """``(position of a row's first real token, position given to padding)``.
+
+    0 and 0, except for models numbering positions after a padding row of their learned position
+    table (RoBERTa and its descendants: ``position_embeddings`` has a ``padding_idx``; unpadded,
+    they number tokens ``padding_idx + 1, padding_idx + 2, ...``).
+    """
+    for module in model.modules():
+        table = getattr(module, "position_embeddings", None)
+        if isinstance(table, nn.Embedding) and table.padding_idx is not None:
+            return table.padding_idx + 1, table.padding_idx
+    return 0, 0
+
+
+def call_model(model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: object) -> object:
+    """``model(**inputs, **kwargs)``: the one way headlab runs a model's own forward.
+
+    Adds the position ids of a left-padded batch (:func:`with_position_ids`) and turns the
+    key/value cache off where the model has one (nothing reads it; it only costs memory).
+    """
+    inputs = with_position_ids(model, inputs)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+    return model(**inputs, **kwargs)
+
+
+def with_position_ids(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``inputs`` for ``model``'s forward, plus the ``position_ids`` of a left-padded batch.
+
+    Most families number positions ``0..pos-1`` by column, so a row with padding before its real
+    tokens would put them at shifted positions (learned absolute positions, GPT-2 and BERT, change
+    the numbers). Where the attention mask has padding before a real token, this adds position ids
+    that count real tokens only (``attention_mask.cumsum(1) - 1``, padding at 0), so every row gets
+    the numbers of the same example unpadded. Unpadded and right-padded inputs, and inputs that
+    already carry ``position_ids``, are returned unchanged (a new dict).
+
+    The one place headlab builds positions: ``Batch.model_inputs(model)``, the engine's forward
+    and :func:`headlab.record` all go through it.
+
+    Raises:
+        ConfigError: the batch is left-padded but ``model.forward`` takes no ``position_ids``.
+    """
+    out = dict(inputs)
+    mask, ids = out.get("attention_mask"), out.get("input_ids")
+    if mask is None or ids is None or "position_ids" in out or mask.ndim != 2:
+        return out
+    count = mask.long().cumsum(1)  # [batch, pos]: real tokens up to and including each column
+    columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # [pos]
+    if not bool(((count != columns) & mask.bool()).any()):
+        return out  # every real token sits at its column: the default positions are right
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(
+            f"this batch is left-padded (padding before real tokens), but "
+            f"{type(model).__name__}.forward takes no position_ids, so its tokens would sit at "
+            "shifted positions and give other numbers than unpadded; pad on the right instead "
+            "(or pass unpadded batches of one length)"
+        )
+    first, pad = _first_position(model)
+    positions = (count - 1 + first).masked_fill(mask == 0, pad)  # [batch, pos]
+    out["position_ids"] = positions.to(ids.device)
+    return out

@@ -6,6 +6,12 @@ safetensors folder under :func:`cache_dir`; later loads read that folder in abou
 
 The library is silent: nothing is printed unless ``progress=True`` (Hugging Face progress bars on
 stderr) or an ``on_status`` callback is given (one line per slow step, e.g. the conversion).
+
+Two kinds of model files can run code when loaded, and both are refused unless asked for: a folder
+whose ``config.json`` names custom Python code (``auto_map``, a model type transformers does not
+ship) needs ``trust_remote_code=True`` (``--trust-remote-code``), and pickled weights
+(``pytorch_model.bin`` without a safetensors file) need ``allow_pickle=True`` (``--allow-pickle``);
+even then torch's weights-only unpickler is used.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -27,9 +34,17 @@ from urllib.parse import urlparse
 
 import torch
 
-from headlab.errors import ConfigError, ModelNotFoundError
+from headlab.errors import ConfigError, HeadlabError, ModelNotFoundError
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "cache_dir", "load_model", "model_fingerprint"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "FINGERPRINT_ATTR",
+    "cache_dir",
+    "cached_fingerprint",
+    "load_model",
+    "model_fingerprint",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES: dict[str, torch.dtype] = {
@@ -43,6 +58,11 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "headlab-source.json"  # written last inside the folder: its presence means complete
 _FINGERPRINT_SAMPLES = 4096
 _CONFIG_KEYS_IGNORED = {"transformers_version", "dtype", "torch_dtype", "architectures"}
+#: attribute holding a model's fingerprint once :func:`cached_fingerprint` computed it
+FINGERPRINT_ATTR = "_headlab_fingerprint"
+_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "*.gguf", "*.pt", "*.pth", "*.ckpt")
 
 
 def cache_dir() -> Path:
@@ -63,6 +83,8 @@ def load_model(
     device: str | torch.device = "cpu",
     on_status: Callable[[str], None] | None = None,
     progress: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode with gradients off on every parameter.
 
@@ -73,6 +95,12 @@ def load_model(
         device: where the model goes, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
         on_status: called with a one-line message before slow steps (the one-time conversion).
         progress: show Hugging Face progress bars on stderr.
+        trust_remote_code: run the Python code a model folder ships (``config.json``'s
+            ``auto_map``) when transformers has no built-in class for its model type. Only for
+            code you have read or trust: it runs with your permissions.
+        allow_pickle: load pickled ``pytorch_model.bin`` weights when there is no safetensors
+            file (read with torch's weights-only unpickler; convert them to safetensors instead
+            where you can, see the error this option avoids).
 
     Returns:
         The model and its tokenizer; for vision models the image processor (or ``None``).
@@ -80,12 +108,13 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     torch_device = _resolve_device(device)
     name = os.fspath(name_or_path)
-    with _progress_bars(progress):
+    options = {"trust_remote_code": bool(trust_remote_code), "allow_pickle": bool(allow_pickle)}
+    with _progress_bars(progress), _no_conversion_bot():
         if name == DEFAULT_MODEL:
             folder = _default_folder(on_status, progress)
             model, tokenizer = _load_pretrained(folder, torch_dtype, local_files_only=True)
         else:
-            model, tokenizer = _load_named(name, torch_dtype)
+            model, tokenizer = _load_named(name, torch_dtype, options)
     model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
@@ -112,6 +141,22 @@ def model_fingerprint(model: torch.nn.Module) -> str:
             flat = flat.to("cpu", torch.float64)
         h.update(flat.to("cpu").contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def cached_fingerprint(model: torch.nn.Module) -> str:
+    """:func:`model_fingerprint`, computed once per model object and kept on it as the attribute
+    ``FINGERPRINT_ATTR`` (statistics record it when collected and are checked against it at every
+    intervention that reads them, so it must cost nothing after the first call).
+
+    The cached value is never invalidated: weights edited in place after the first call (or a
+    ``copy.deepcopy`` of the model, which copies the attribute) keep the old fingerprint. Delete
+    the attribute (``del model._headlab_fingerprint``) to have it recomputed.
+    """
+    fingerprint = model.__dict__.get(FINGERPRINT_ATTR)
+    if not isinstance(fingerprint, str):
+        fingerprint = model_fingerprint(model)
+        model.__dict__[FINGERPRINT_ATTR] = fingerprint
+    return fingerprint
 
 
 # --- options -------------------------------------------------------------------------------------
@@ -171,7 +216,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 # --- local folders and hub ids -------------------------------------------------------------------
 
 
-def _load_named(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_named(name: str, dtype: torch.dtype, options: dict[str, bool]) -> tuple[Any, Any]:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -183,28 +228,37 @@ def _load_named(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
                 f"folder {path} has no config.json; a model folder needs config.json and weights "
                 "(model.safetensors or pytorch_model.bin), as written by save_pretrained"
             )
-        return _load_pretrained(str(path), dtype, local_files_only=True)
+        _check_folder(path, **options)
+        return _load_pretrained(str(path), dtype, local_files_only=True, **options)
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
         raise ModelNotFoundError(f"no model folder at {path}")
-    return _load_hub(name, dtype)
+    return _load_hub(name, dtype, options)
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_hub(repo_id: str, dtype: torch.dtype, options: dict[str, bool]) -> tuple[Any, Any]:
     try:
-        return _load_pretrained(repo_id, dtype, local_files_only=True)
-    except (OSError, ValueError) as err:  # not cached, or not a valid repository id
+        return _load_pretrained(repo_id, dtype, local_files_only=True, **options)
+    except _PickledWeights as err:  # maybe only the pickle is cached: the hub may have more
         cached_error: Exception = err
+    except ConfigError:  # custom code, broken weights: the same online
+        raise
+    except (OSError, ValueError) as err:  # not cached, or not a valid repository id
+        cached_error = err
     hint = (
         f"pass a local folder instead (--model /path/to/folder, holding config.json and weights), "
         f"or use the built-in default {DEFAULT_MODEL!r}"
     )
     if not _hub_reachable():
+        if isinstance(cached_error, _PickledWeights):
+            raise cached_error
         raise ModelNotFoundError(
             f"{repo_id!r} is not a local folder, is not in the Hugging Face cache, and the hub "
             f"cannot be reached (offline); {hint}"
         ) from cached_error
     try:
-        return _load_pretrained(repo_id, dtype, local_files_only=False)
+        return _load_pretrained(repo_id, dtype, local_files_only=False, **options)
+    except HeadlabError:
+        raise
     except Exception as err:  # hub, HTTP and parsing errors all become one clear error
         raise ModelNotFoundError(
             f"could not load {repo_id!r} from the Hugging Face hub ({type(err).__name__}: "
@@ -227,19 +281,47 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_pretrained(ref: str | Path, dtype: torch.dtype, *, local_files_only: bool) -> Any:
+def _load_pretrained(
+    ref: str | Path,
+    dtype: torch.dtype,
+    *,
+    local_files_only: bool,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Any:
     import transformers
 
-    kw = {"local_files_only": local_files_only}
-    config = transformers.AutoConfig.from_pretrained(ref, **kw)
+    kw: dict[str, Any] = {
+        "local_files_only": local_files_only,
+        "trust_remote_code": trust_remote_code,  # explicit False: never an interactive prompt
+    }
+    try:
+        config = transformers.AutoConfig.from_pretrained(ref, **kw)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise _custom_code_error(ref) from err
+        raise
     model = None
     last_error: Exception | None = None
+    safe = None if allow_pickle else True  # True: transformers never falls back to a pickle
     for cls in _model_classes(config):
         try:
-            model = cls.from_pretrained(ref, dtype=dtype, **kw)
+            model = cls.from_pretrained(ref, dtype=dtype, use_safetensors=safe, **kw)
             break
+        except pickle.UnpicklingError as err:
+            raise _unsafe_pickle_error(ref) from err
+        except OSError as err:
+            if safe and "safetensors" in str(err):
+                raise _PickledWeights(_pickle_message(str(ref), None)) from err
+            raise
         except ValueError as err:  # "Unrecognized configuration class ... for this AutoModel"
+            if "trust_remote_code" in str(err):
+                raise _custom_code_error(ref) from err
             last_error = err
+        except Exception as err:
+            if type(err).__name__ == "SafetensorError":
+                raise _corrupt_error(str(ref), err) from err
+            raise
     if model is None:
         raise ModelNotFoundError(
             f"no transformers model class can load {ref} (model_type {config.model_type!r})"
@@ -253,11 +335,168 @@ def _load_pretrained(ref: str | Path, dtype: torch.dtype, *, local_files_only: b
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(ref, **kw)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise _custom_code_error(ref) from err
         raise ModelNotFoundError(
             f"{ref} has a model but no usable tokenizer files (tokenizer.json or "
             "tokenizer_config.json); save the tokenizer next to the model with save_pretrained"
         ) from err
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _no_conversion_bot() -> Iterator[None]:
+    """Keep transformers from asking the hub's conversion bot to open a safetensors pull request
+    on the user's behalf when a hub repository holds only pickles."""
+    var = "DISABLE_SAFETENSORS_CONVERSION"
+    before = os.environ.get(var)
+    os.environ[var] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before
+
+
+# --- what a model folder holds -------------------------------------------------------------------
+
+
+class _PickledWeights(ConfigError):
+    """Only pickled weights were found and ``allow_pickle`` is off."""
+
+
+def _check_folder(path: Path, *, trust_remote_code: bool, allow_pickle: bool) -> None:
+    """Refuse a local model folder before transformers reads it, with the reason and the fix:
+    unreadable config, unknown model type, custom code not trusted, no weights, truncated
+    safetensors, pickles not allowed."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelNotFoundError(
+            f"{config_path} is not readable JSON ({err}); copy or download it again, or re-save "
+            "the model with save_pretrained"
+        ) from err
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{config_path} holds no JSON object; re-save the model")
+    model_type = config.get("model_type")
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if config.get("auto_map") and not known and not trust_remote_code:
+        raise _custom_code_error(path, config)
+    if model_type is not None and not known and not config.get("auto_map"):
+        import transformers
+
+        raise ConfigError(
+            f"{config_path} has model_type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know; if the model is newer than this version, "
+            "upgrade it (pip install -U transformers), else fix model_type in config.json"
+        )
+    safe = [path / n for n in _SAFE_WEIGHTS if (path / n).is_file()]
+    pickled = [path / n for n in _PICKLED_WEIGHTS if (path / n).is_file()]
+    if not safe and not pickled:
+        others = sorted({p.name for pattern in _OTHER_WEIGHTS for p in path.glob(pattern)})
+        found = (
+            f" (it holds {', '.join(others)}: headlab loads PyTorch weights, saved by a "
+            "transformers PyTorch model)"
+            if others
+            else ""
+        )
+        raise ModelNotFoundError(
+            f"model folder {path} has config.json but no weights: no model.safetensors (or "
+            f"model.safetensors.index.json with its shards) and no pytorch_model.bin{found}; "
+            f"save the model into the folder with model.save_pretrained({str(path)!r})"
+        )
+    if safe:
+        _check_safetensors(safe[0])
+    elif not allow_pickle:
+        raise _PickledWeights(_pickle_message(str(path), pickled[0]))
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open every safetensors file of a checkpoint (its index lists the shards): a truncated or
+    corrupt file is named here rather than deep inside transformers."""
+    from safetensors import safe_open
+
+    files = [path]
+    if path.name.endswith(".index.json"):
+        try:
+            index = json.loads(path.read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise _corrupt_error(str(path), err) from err
+        files = [path.parent / shard for shard in shards]
+    for file in files:
+        if not file.is_file():
+            raise ModelNotFoundError(
+                f"{path} lists the shard {file.name}, which is missing; copy or download the "
+                "model again (every shard named in the index)"
+            )
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
+            raise _corrupt_error(str(file), err) from err
+
+
+def _corrupt_error(where: str, err: Exception) -> ModelNotFoundError:
+    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ModelNotFoundError(
+        f"{where} is truncated or corrupt ({detail}); copy or download it again (or re-save the "
+        "model with save_pretrained)"
+    )
+
+
+def _custom_code_error(ref: str | Path, config: dict[str, Any] | None = None) -> ConfigError:
+    files = _custom_code_files(config.get("auto_map") if config else None)
+    which = f" ({', '.join(files)})" if files else ""
+    model_type = (config or {}).get("model_type")
+    kind = f"model_type {model_type!r} is not built into transformers, so " if model_type else ""
+    return ConfigError(
+        f"{ref} needs custom code{which}: {kind}loading it runs Python code shipped with the "
+        "model, with your permissions. If you trust that code, pass --trust-remote-code (CLI) or "
+        "trust_remote_code=True (Python); otherwise use a model of a type transformers supports"
+    )
+
+
+def _custom_code_files(auto_map: Any) -> list[str]:
+    """``{"AutoConfig": "configuration_x.XConfig", ...}`` -> ``["configuration_x.py", ...]``."""
+    if not isinstance(auto_map, dict):
+        return []
+    refs: list[str] = []
+    for value in auto_map.values():
+        refs += [v for v in (value if isinstance(value, list | tuple) else [value]) if v]
+    files = {str(r).split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs if "." in str(r)}
+    return sorted(files)
+
+
+def _pickle_message(ref: str, pickled: Path | None) -> str:
+    what = (
+        f"{ref} holds only pickled weights ({pickled.name})"
+        if pickled is not None
+        else f"{ref} has no safetensors weights (only pickled pytorch_model.bin, if any)"
+    )
+    return (
+        f"{what}, and unpickling a file can run code. Convert them to safetensors once, in a "
+        "Python session, if you trust the file:\n"
+        "    import headlab as hl\n"
+        f"    model, tokenizer = hl.load_model({ref!r}, allow_pickle=True)\n"
+        f"    model.save_pretrained({ref!r})  # writes model.safetensors (the default format)\n"
+        "or load the pickle as it is with --allow-pickle (CLI) / allow_pickle=True (Python)"
+    )
+
+
+def _unsafe_pickle_error(ref: str | Path) -> ConfigError:
+    return ConfigError(
+        f"the pickled weights of {ref} (pytorch_model.bin) fail torch's weights-only check: the "
+        "file holds Python objects other than tensors, and unpickling those could run any code. "
+        "headlab does not load such files; if you trust it, convert it to safetensors yourself "
+        "(torch.load(path, weights_only=False), then safetensors.torch.save_file of the tensors "
+        "or model.save_pretrained(folder))"
+    )
 
 
 def _model_classes(config: Any) -> list[Any]:
