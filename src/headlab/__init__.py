@@ -2,131 +2,116 @@
 
 Vocabulary: ``batch`` (examples), ``pos`` (token positions), ``head`` (query heads), ``d_head``
 (coordinates of one head's output — the head's "neurons"). Per-head outputs are the input of each
-layer's attention output projection, viewed as ``[batch, pos, head, d_head]``.
+layer's attention output projection, viewed as ``[batch, pos, head, d_head]``. The words *target,
+part, run, job, condition* are defined once in ``docs/architecture.md``.
+
+Every public name is imported on first use (``headlab.sweep`` loads torch, pandas and the sweep
+analysis then), so ``import headlab`` and ``headlab --help`` stay instant.
 """
 
-from headlab.analyses.attention import attention_map, attention_mass_scores, attention_rollout
-from headlab.analyses.attention_faith import Faithfulness, plausibility_faithfulness
-from headlab.analyses.cascade import backup_heads, cascade, off_target
-from headlab.analyses.compare import Comparison, compare
-from headlab.analyses.detect import detect_heads
-from headlab.analyses.estimate import estimate
-from headlab.analyses.estimate_check import estimate_then_exact
-from headlab.analyses.gates_chg import CHGConfig, chg
-from headlab.analyses.gates_contrast import ContrastConfig, contrastive_chg
-from headlab.analyses.gates_l0 import L0Config, l0_sweep
-from headlab.analyses.prune import prune_curves
-from headlab.analyses.shift import shift
-from headlab.analyses.steer import SteerConfig, SteerResult, steer
-from headlab.analyses.steer_generate import GenerateConfig, generate_texts, rescaled
-from headlab.analyses.steer_select import pursuit_scores, select_heads
-from headlab.analyses.sweep import rank_heads, sweep
-from headlab.batch import Batch
-from headlab.data import load_task, load_texts, make_blocks
-from headlab.engine import evaluate, forward_logits, run_plans
-from headlab.errors import ConfigError, HeadlabError, ModelNotFoundError, StatsMismatchError
-from headlab.gate_jobs import run_gate
-from headlab.hooks import HookReport, capture, intervene, record
-from headlab.interventions import (
-    Activations,
-    Gate,
-    Intervention,
-    Mean,
-    Median,
-    Patch,
-    Peak,
-    Plan,
-    Resample,
-    Scale,
-    Site,
-    Zero,
-)
-from headlab.jobs import run_sweep
-from headlab.l0_jobs import run_l0
-from headlab.metrics import Metric, Scores, get_metric, metric_names, mlm_batch
-from headlab.models import Family, Layout, describe, families, register_family
-from headlab.models.load import DEFAULT_MODEL, load_model
-from headlab.stats import Stats, StatsConfig, collect_stats
-from headlab.steer_jobs import run_steer
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "Activations",
-    "Batch",
-    "CHGConfig",
-    "Comparison",
-    "ConfigError",
-    "ContrastConfig",
-    "Faithfulness",
-    "Family",
-    "Gate",
-    "GenerateConfig",
-    "HeadlabError",
-    "HookReport",
-    "Intervention",
-    "L0Config",
-    "Layout",
-    "Mean",
-    "Median",
-    "Metric",
-    "ModelNotFoundError",
-    "Patch",
-    "Peak",
-    "Plan",
-    "Resample",
-    "Scale",
-    "Scores",
-    "Site",
-    "Stats",
-    "StatsConfig",
-    "StatsMismatchError",
-    "SteerConfig",
-    "SteerResult",
-    "Zero",
-    "attention_map",
-    "attention_mass_scores",
-    "attention_rollout",
-    "backup_heads",
-    "capture",
-    "cascade",
-    "chg",
-    "collect_stats",
-    "compare",
-    "contrastive_chg",
-    "describe",
-    "detect_heads",
-    "estimate",
-    "estimate_then_exact",
-    "evaluate",
-    "families",
-    "forward_logits",
-    "generate_texts",
-    "get_metric",
-    "intervene",
-    "l0_sweep",
-    "load_model",
-    "load_task",
-    "load_texts",
-    "make_blocks",
-    "metric_names",
-    "mlm_batch",
-    "off_target",
-    "plausibility_faithfulness",
-    "prune_curves",
-    "pursuit_scores",
-    "rank_heads",
-    "record",
-    "register_family",
-    "rescaled",
-    "run_gate",
-    "run_l0",
-    "run_plans",
-    "run_steer",
-    "run_sweep",
-    "select_heads",
-    "shift",
-    "steer",
-    "sweep",
-]
+#: public name -> the module that defines it, grouped as the documentation groups them
+_EXPORTS: dict[str, str] = {
+    # -- core: models, interventions, hooks, statistics, metrics, engine ---------------------
+    "DEFAULT_MODEL": "headlab.models.load",
+    "load_model": "headlab.models.load",
+    "Family": "headlab.models",
+    "Layout": "headlab.models",
+    "describe": "headlab.models",
+    "families": "headlab.models",
+    "register_family": "headlab.models",
+    "Activations": "headlab.interventions",
+    "Gate": "headlab.interventions",
+    "Intervention": "headlab.interventions",
+    "Mean": "headlab.interventions",
+    "Median": "headlab.interventions",
+    "Patch": "headlab.interventions",
+    "Peak": "headlab.interventions",
+    "Plan": "headlab.interventions",
+    "Resample": "headlab.interventions",
+    "Scale": "headlab.interventions",
+    "Site": "headlab.interventions",
+    "Zero": "headlab.interventions",
+    "HookReport": "headlab.hooks",
+    "capture": "headlab.hooks",
+    "intervene": "headlab.hooks",
+    "record": "headlab.hooks",
+    "Stats": "headlab.stats",
+    "StatsConfig": "headlab.stats",
+    "collect_stats": "headlab.stats",
+    "Metric": "headlab.metrics",
+    "Scores": "headlab.metrics",
+    "get_metric": "headlab.metrics",
+    "metric_names": "headlab.metrics",
+    "mlm_batch": "headlab.metrics",
+    "evaluate": "headlab.engine",
+    "forward_logits": "headlab.engine",
+    "run_plans": "headlab.engine",
+    "ConfigError": "headlab.errors",
+    "HeadlabError": "headlab.errors",
+    "ModelNotFoundError": "headlab.errors",
+    "StatsMismatchError": "headlab.errors",
+    # -- data --------------------------------------------------------------------------------
+    "Batch": "headlab.batch",
+    "load_task": "headlab.data",
+    "load_texts": "headlab.data",
+    "make_blocks": "headlab.data",
+    # -- analyses (pure computation → tidy tables) --------------------------------------------
+    "attention_map": "headlab.analyses.attention",
+    "attention_mass_scores": "headlab.analyses.attention",
+    "attention_rollout": "headlab.analyses.attention",
+    "Faithfulness": "headlab.analyses.attention_faith",
+    "plausibility_faithfulness": "headlab.analyses.attention_faith",
+    "backup_heads": "headlab.analyses.cascade",
+    "cascade": "headlab.analyses.cascade",
+    "off_target": "headlab.analyses.cascade",
+    "Comparison": "headlab.analyses.compare",
+    "compare": "headlab.analyses.compare",
+    "detect_heads": "headlab.analyses.detect",
+    "estimate": "headlab.analyses.estimate",
+    "estimate_then_exact": "headlab.analyses.estimate_check",
+    "CHGConfig": "headlab.analyses.gates_chg",
+    "chg": "headlab.analyses.gates_chg",
+    "ContrastConfig": "headlab.analyses.gates_contrast",
+    "contrastive_chg": "headlab.analyses.gates_contrast",
+    "L0Config": "headlab.analyses.gates_l0",
+    "l0_sweep": "headlab.analyses.gates_l0",
+    "prune_curves": "headlab.analyses.prune",
+    "shift": "headlab.analyses.shift",
+    "SteerConfig": "headlab.analyses.steer",
+    "SteerResult": "headlab.analyses.steer",
+    "steer": "headlab.analyses.steer",
+    "GenerateConfig": "headlab.analyses.steer_generate",
+    "generate_texts": "headlab.analyses.steer_generate",
+    "rescaled": "headlab.analyses.steer_generate",
+    "pursuit_scores": "headlab.analyses.steer_select",
+    "select_heads": "headlab.analyses.steer_select",
+    "rank_heads": "headlab.analyses.sweep",
+    "sweep": "headlab.analyses.sweep",
+    # -- jobs: the Python twin of every command (same run directory as the CLI) ---------------
+    "run_gate": "headlab.gate_jobs",
+    "run_l0": "headlab.l0_jobs",
+    "run_steer": "headlab.steer_jobs",
+    "run_sweep": "headlab.jobs.sweep",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'headlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

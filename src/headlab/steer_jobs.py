@@ -148,7 +148,7 @@ def run_steer(
         select_heads,
         sweep_scores,
     )
-    from headlab.analyses.sweep import check_heads
+    from headlab.heads import check_heads
     from headlab.models.layout import describe, max_positions
     from headlab.models.load import load_model, model_fingerprint
 

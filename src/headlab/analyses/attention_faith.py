@@ -28,10 +28,11 @@ from torch import nn
 
 from headlab.analyses.attention import attention_mass
 from headlab.analyses.attention_rank import TABLE_COLUMNS, bc_interval, compare_rankings
-from headlab.analyses.sweep import ablate_each, heads_by_layer
+from headlab.analyses.sweep import ablate_each
 from headlab.batch import Batch
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
+from headlab.heads import heads_by_layer
 from headlab.hooks import record
 from headlab.interventions import Intervention, Patch, Plan, StatsSource, intervention_from_name
 from headlab.metrics import Metric, get_metric

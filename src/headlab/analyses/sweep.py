@@ -9,8 +9,7 @@ positive always means "ablating this head hurts" (``-delta`` for metrics where h
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -18,20 +17,21 @@ import torch
 from torch import nn
 
 from headlab.batch import Batch
-from headlab.engine import run_plans
-from headlab.errors import ConfigError
+from headlab.engine import CleanCache, run_plans
+from headlab.heads import heads_by_layer
 from headlab.interventions import Intervention, Plan, StatsSource, intervention_from_name
 from headlab.metrics import Metric, Scores, get_metric
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, Part
 
 __all__ = [
     "COLUMNS",
     "SweepPart",
-    "check_heads",
     "effect",
+    "part_key",
     "rank_heads",
     "sweep",
-    "sweep_parts",
+    "sweep_plan",
     "tidy",
 ]
 
@@ -50,21 +50,40 @@ COLUMNS = [
 ]
 
 
+def part_key(method: str, layer: int) -> str:
+    return f"{method.replace(':', '_')}-L{layer:03d}"
+
+
 @dataclass(frozen=True)
-class SweepPart:
-    """The rows of one method on one layer: the unit a run directory saves and resumes."""
+class SweepPart(Part):
+    """One method on one layer: each of ``heads`` of ``layer`` ablated alone; the unit a run
+    directory saves and resumes (key ``METHOD-L###``)."""
 
     method: str
+    intervention: Intervention
     layer: int
-    table: pd.DataFrame
+    heads: tuple[int, ...]
+    metrics: tuple[str | Metric, ...]
 
     @property
     def key(self) -> str:
         return part_key(self.method, self.layer)
 
+    def cost(self, ctx: Context) -> int:
+        return len(self.heads) * len(ctx.batch)
 
-def part_key(method: str, layer: int) -> str:
-    return f"{method.replace(':', '_')}-L{layer:03d}"
+    def run(self, ctx: Context, on_forward: Callable[[int], None] | None = None) -> pd.DataFrame:
+        ms = [get_metric(m) for m in self.metrics]
+        common = dict(batch_size=ctx.batch_size, layout=ctx.layout, cache=ctx.cache)
+        clean = run_plans(ctx.model, ctx.batch, [Plan()], ms, **common)[0]
+        results = ablate_each(
+            ctx.model, ctx.batch, self.intervention, self.layer, self.heads, ms,
+            stats=ctx.stats, on_forward=on_forward, **common,
+        )  # fmt: skip
+        rows = []
+        for h, scores in zip(self.heads, results, strict=True):
+            rows.extend(_rows(self.layer, h, self.method, ms, scores, clean))
+        return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def _as_methods(methods: Sequence[str | Intervention]) -> list[tuple[str, Intervention]]:
@@ -113,55 +132,6 @@ def _rows(
     return rows
 
 
-def check_heads(
-    heads: Iterable[Sequence[int]], layout: Layout | None = None
-) -> list[tuple[int, int]]:
-    """``heads`` as a list of ``(layer, head)`` integer pairs, in the order given; refused (with
-    :class:`ConfigError`) if empty, if a head repeats, if an item is not a pair of integers, or,
-    given ``layout``, if a head is not in the model. The one check of a chosen set of heads: the
-    sweep, ``run_sweep`` and the CLI's ``--heads`` all use it."""
-    out: list[tuple[int, int]] = []
-    seen: set[tuple[int, int]] = set()
-    for pair in heads:
-        try:
-            ly, h = (operator.index(x) for x in pair)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"heads must be (layer, head) pairs of integers, e.g. [(3, 5), (10, 1)]; got "
-                f"{pair!r}"
-            ) from None
-        if (ly, h) in seen:
-            raise ConfigError(f"head {ly}.{h} is given twice; list each head once")
-        if layout is not None:
-            try:
-                layout.check_head(ly, h)
-            except ConfigError as err:
-                raise ConfigError(
-                    f"{err}; choose heads this model has (layers 0..{layout.n_layers - 1}, heads "
-                    f"0..{layout.n_heads - 1})"
-                ) from None
-        seen.add((ly, h))
-        out.append((ly, h))
-    if not out:
-        raise ConfigError(
-            "no heads given; list at least one (layer, head) pair, or pass heads=None (CLI: omit "
-            "--heads) for every head"
-        )
-    return out
-
-
-def heads_by_layer(
-    layout: Layout, heads: Sequence[tuple[int, int]] | None = None
-) -> dict[int, list[int]]:
-    """``{layer: [head, ...]}`` of ``heads`` (default: every head), checked by
-    :func:`check_heads` against ``layout``, in the order given."""
-    chosen = check_heads(heads, layout) if heads is not None else layout.heads()
-    out: dict[int, list[int]] = {}
-    for ly, h in chosen:
-        out.setdefault(ly, []).append(h)
-    return out
-
-
 def ablate_each(
     model: nn.Module,
     batch: Batch,
@@ -174,17 +144,42 @@ def ablate_each(
     batch_size: int = 8,
     on_forward: Callable[[int], None] | None = None,
     layout: Layout | None = None,
+    cache: CleanCache | None = None,
 ) -> list[dict[str, Scores]]:
     """Each of ``heads`` of ``layer`` intervened on alone (one plan per head) through the
     engine; the scores of every plan, in order."""
     plans = [Plan.of({(layer, h): iv}) for h in heads]
     return run_plans(
         model, batch, plans, metrics, stats=stats, batch_size=batch_size, layout=layout,
-        on_forward=on_forward,
+        on_forward=on_forward, cache=cache,
     )  # fmt: skip
 
 
-def sweep_parts(
+def sweep_plan(
+    layout: Layout,
+    *,
+    methods: Sequence[str | Intervention] = ("zero",),
+    metrics: Sequence[str | Metric] = ("ce",),
+    heads: Sequence[tuple[int, int]] | None = None,
+) -> list[SweepPart]:
+    """The parts of a sweep, method by method and layer by layer.
+
+    Args:
+        layout: the model's layout (heads are checked against it).
+        methods: method names (``zero``, ``mean``, ``peak``, ``median``, ``resample``,
+            ``scale:ALPHA`` ...) or Intervention values.
+        metrics: metric names or instances.
+        heads: restrict to these ``(layer, head)`` pairs (default: every head).
+    """
+    by_layer = heads_by_layer(layout, heads)
+    return [
+        SweepPart(name, iv, ly, tuple(by_layer[ly]), tuple(metrics))
+        for name, iv in _as_methods(methods)
+        for ly in sorted(by_layer)
+    ]
+
+
+def sweep(
     model: nn.Module,
     batch: Batch,
     *,
@@ -193,48 +188,27 @@ def sweep_parts(
     stats: StatsSource | None = None,
     heads: Sequence[tuple[int, int]] | None = None,
     batch_size: int = 8,
-    skip: Container[str] = (),
     on_forward: Callable[[int], None] | None = None,
     layout: Layout | None = None,
-) -> Iterator[SweepPart]:
-    """Yield the sweep one ``(method, layer)`` part at a time, skipping keys in ``skip``.
+) -> pd.DataFrame:
+    """Ablate each head alone under each method: the whole sweep as one tidy table.
 
     Args:
         model: the model to probe.
         batch: evaluation examples.
-        methods: method names (``zero``, ``mean``, ``peak``, ``median``, ``resample``,
-            ``scale:ALPHA`` ...) or Intervention values.
+        methods: method names or Intervention values (see :func:`sweep_plan`).
         metrics: metric names or instances.
         stats: statistics for the methods that need them.
         heads: restrict to these ``(layer, head)`` pairs (default: every head).
-        skip: part keys already done (for resuming).
         on_forward: progress callback, called with the examples of each forward.
     """
     layout = layout if layout is not None else describe(model)
-    ms = [get_metric(m) for m in metrics]
-    by_layer = heads_by_layer(layout, heads)
-    clean = run_plans(model, batch, [Plan()], ms, batch_size=batch_size, layout=layout)[0]
-    for name, iv in _as_methods(methods):
-        for ly in sorted(by_layer):
-            key = part_key(name, ly)
-            if key in skip:
-                continue
-            results = ablate_each(
-                model, batch, iv, ly, by_layer[ly], ms, stats=stats, batch_size=batch_size,
-                on_forward=on_forward, layout=layout,
-            )  # fmt: skip
-            rows = []
-            for h, scores in zip(by_layer[ly], results, strict=True):
-                rows.extend(_rows(ly, h, name, ms, scores, clean))
-            yield SweepPart(name, ly, pd.DataFrame(rows, columns=COLUMNS))
-
-
-def sweep(model: nn.Module, batch: Batch, **kwargs: object) -> pd.DataFrame:
-    """The whole sweep as one tidy table (see :func:`sweep_parts` for the arguments)."""
-    parts = [p.table for p in sweep_parts(model, batch, **kwargs)]
-    if not parts:
+    ctx = Context(model, layout, batch, stats, batch_size)
+    parts = sweep_plan(layout, methods=methods, metrics=metrics, heads=heads)
+    tables = [p.run(ctx, on_forward) for p in parts]
+    if not tables:
         return pd.DataFrame(columns=COLUMNS)
-    return tidy(pd.concat(parts, ignore_index=True))
+    return tidy(pd.concat(tables, ignore_index=True))
 
 
 def tidy(table: pd.DataFrame) -> pd.DataFrame:

@@ -152,36 +152,18 @@ def parse_heads(
     heads = _heads_from_text(text) if isinstance(text, str) else list(text)
     if layout is None:
         return heads
-    from headlab.analyses.sweep import check_heads
+    from headlab.heads import check_heads
 
     return check_heads(heads, layout)
 
 
 def _heads_from_text(text: str) -> list[tuple[int, int]]:
-    from headlab.analyses.sweep import check_heads
     from headlab.errors import ConfigError
+    from headlab.heads import parse_heads as parse
 
-    items = csv_list(text)
-    if not items:
-        raise argparse.ArgumentTypeError(
-            f"no heads given (got {text!r}); list LAYER.HEAD pairs such as 3.5,10.1, or omit "
-            "--heads"
-        )
-    out = []
-    for item in items:
-        sep = "." if "." in item else ":"
-        try:
-            layer, head = (int(x) for x in item.split(sep))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected LAYER.HEAD pairs separated by commas (e.g. 3.5,10.1), got {item!r}"
-            ) from None
-        if layer < 0 or head < 0:
-            raise argparse.ArgumentTypeError(f"layer and head must be >= 0, got {item!r}")
-        out.append((layer, head))
     try:
-        return check_heads(out)
-    except ConfigError as err:
+        return parse(text)
+    except ConfigError as err:  # argparse reports it as a usage error, before any work
         raise argparse.ArgumentTypeError(str(err)) from None
 
 

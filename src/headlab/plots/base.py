@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure  # used without pyplot: no GUI backend, no global state
 
-__all__ = ["head_grid", "heatmap"]
+__all__ = ["head_grid", "heatmap", "heatmaps"]
 
 
 def head_grid(table: pd.DataFrame, value: str = "delta") -> np.ndarray:
@@ -54,3 +56,20 @@ def heatmap(
     cb = fig.colorbar(im, ax=ax, fraction=0.05)
     cb.set_label(f"Δ {metric}")
     return fig
+
+
+def heatmaps(
+    table: pd.DataFrame,
+    *,
+    value: Callable[[str], str] = lambda method: "delta",
+    title: Callable[[str, str], str | None] = lambda method, metric: None,
+) -> dict[str, Figure]:
+    """``{"heatmap_METHOD_METRIC.png": Figure}``: one :func:`heatmap` per (method, metric) of
+    ``table``; ``value(method)`` names the column shown, ``title(method, metric)`` the title."""
+    out = {}
+    for (method, metric), _ in table.groupby(["method", "metric"], sort=True):
+        name = f"heatmap_{method.replace(':', '_')}_{metric}.png"
+        out[name] = heatmap(
+            table, method=method, metric=metric, value=value(method), title=title(method, metric)
+        )
+    return out

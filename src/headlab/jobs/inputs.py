@@ -1,0 +1,163 @@
+"""What a job runs on: the model and data options every command shares (:class:`Inputs`), and
+:func:`prepare`, which loads the model and builds the evaluation and statistics batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from headlab.batch import Batch
+from headlab.errors import ConfigError
+from headlab.models.layout import Layout, describe, max_positions
+from headlab.models.load import DEFAULT_MODEL, cached_fingerprint, load_model
+
+__all__ = ["Inputs", "Prepared", "prepare"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Which model and data a job runs on (the shared CLI options)."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    data: str | None = "python-docs"
+    task: str | None = None
+    text_field: str = "text"
+    seq_len: int | None = None
+    n_blocks: int = 8
+    n_stats_blocks: int = 16
+    stats_data: str | None = None
+    seed: int = 0
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.data not in (None, "python-docs"):
+            raise ConfigError("give either --data or --task, not both")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"--seq-len must be a positive integer, got {self.seq_len}")
+        if self.n_blocks < 1:
+            raise ConfigError(f"--n-blocks must be at least 1, got {self.n_blocks}")
+        if self.n_stats_blocks < 1:
+            raise ConfigError(f"--n-stats-blocks must be at least 1, got {self.n_stats_blocks}")
+
+
+@dataclass
+class Prepared:
+    """A loaded model with its evaluation and statistics batches."""
+
+    inputs: Inputs
+    model: nn.Module
+    tokenizer: Any
+    layout: Layout
+    eval: Batch
+    stats_batch: Batch
+    metrics: list[str]
+    model_fingerprint: str
+
+    def identity(self) -> dict[str, Any]:
+        from headlab.data.blocks import batch_fingerprint
+
+        inputs = asdict(self.inputs)
+        # how the weights file may be read does not change the numbers (the fingerprint names the
+        # weights); trust_remote_code stays when set: custom code is the forward pass itself (it
+        # is left out when off, so run directories of releases without the option still resume)
+        del inputs["allow_pickle"]
+        if not inputs["trust_remote_code"]:
+            del inputs["trust_remote_code"]
+        return {
+            **inputs,
+            "device": None,  # where it ran does not change the numbers' identity
+            "model_fingerprint": self.model_fingerprint,
+            "eval_fingerprint": batch_fingerprint(self.eval),
+            "stats_fingerprint": batch_fingerprint(self.stats_batch),
+        }
+
+
+def prepare(inputs: Inputs, *, on_status: Callable[[str], None] | None = None) -> Prepared:
+    """Load the model and build the evaluation and statistics batches."""
+    from headlab.data.blocks import make_blocks
+    from headlab.data.corpora import load_texts
+    from headlab.data.tasks import load_task
+
+    model, tokenizer = load_model(
+        inputs.model,
+        dtype=inputs.dtype,
+        device=inputs.device,
+        on_status=on_status,
+        trust_remote_code=inputs.trust_remote_code,
+        allow_pickle=inputs.allow_pickle,
+    )
+    layout = describe(model)
+    if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+        raise ConfigError(
+            f"{inputs.model} has no text tokenizer; the CLI works on text models (use the Python "
+            "API with your own Batch of pixel_values for vision models)"
+        )
+    max_pos = max_positions(model)
+    if inputs.task is not None:
+        seq = inputs.seq_len if inputs.task == "induction" else None
+        task = load_task(inputs.task, tokenizer, n=inputs.n_blocks, seed=inputs.seed, seq_len=seq)
+        evaluation, metric = task.eval, task.metric
+        # the statistics split has its own size; its examples come from a disjoint seed stream
+        stats_batch = load_task(
+            inputs.task, tokenizer, n=inputs.n_stats_blocks, seed=inputs.seed, seq_len=seq
+        ).stats
+        if max_pos is not None and evaluation.seq_len > max_pos:
+            raise ConfigError(
+                f"task {inputs.task!r} needs {evaluation.seq_len} positions but the model has "
+                f"{max_pos}; use a shorter --seq-len"
+            )
+        if inputs.stats_data is not None:
+            texts = load_texts(inputs.stats_data, text_field=inputs.text_field)
+            _, stats_batch = make_blocks(
+                tokenizer,
+                texts,
+                seq_len=evaluation.seq_len,
+                n_blocks=1,
+                n_stats_blocks=inputs.n_stats_blocks,
+                seed=inputs.seed,
+                max_positions=max_pos,
+            )
+        metrics = [metric]
+    else:
+        if inputs.data is None:
+            raise ConfigError("give --data NAME_OR_PATH or --task NAME")
+        texts = load_texts(inputs.data, text_field=inputs.text_field)
+        evaluation, stats_batch = make_blocks(
+            tokenizer,
+            texts,
+            seq_len=inputs.seq_len or 128,
+            n_blocks=inputs.n_blocks,
+            n_stats_blocks=inputs.n_stats_blocks,
+            seed=inputs.seed,
+            max_positions=max_pos,
+        )
+        if inputs.stats_data is not None:
+            other = load_texts(inputs.stats_data, text_field=inputs.text_field)
+            _, stats_batch = make_blocks(
+                tokenizer,
+                other,
+                seq_len=evaluation.seq_len,
+                n_blocks=1,
+                n_stats_blocks=inputs.n_stats_blocks,
+                seed=inputs.seed + 1,
+                max_positions=max_pos,
+            )
+        metrics = ["ce"]
+    return Prepared(
+        inputs,
+        model,
+        tokenizer,
+        layout,
+        evaluation,
+        stats_batch,
+        metrics,
+        cached_fingerprint(model),  # computed once: statistics and their checks reuse it
+    )
+
+

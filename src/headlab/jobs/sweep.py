@@ -1,0 +1,149 @@
+"""The ``headlab sweep`` job: ablate every head alone under each method, part by part, into a
+resumable run directory (parts ``METHOD-L###``, ``results.parquet``, ``ranking.csv``, heatmaps)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from headlab.analyses.sweep import rank_heads, sweep_plan, tidy
+from headlab.errors import ConfigError
+from headlab.heads import Head, check_heads
+from headlab.interventions import intervention_from_name
+from headlab.jobs.base import (
+    check_count,
+    execute,
+    identity_of,
+    job_stats,
+    load_parts,
+    needs_stats,
+    open_run,
+    stats_config,
+)
+from headlab.jobs.inputs import Inputs, Prepared, prepare
+from headlab.metrics import get_metric
+from headlab.models.load import DEFAULT_MODEL
+from headlab.parts import Context
+from headlab.plots.sweep import sweep_figures
+from headlab.runs import RunDir
+
+__all__ = ["SweepResult", "run_sweep"]
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` produced."""
+
+    table: pd.DataFrame
+    ranking: pd.DataFrame
+    run_dir: RunDir
+    figures: dict[str, Figure] = field(default_factory=dict, repr=False)
+
+    def top(self, k: int = 5) -> pd.DataFrame:
+        """The ``k`` most important heads per method and metric."""
+        return self.ranking[self.ranking["rank"] <= k]
+
+
+def run_sweep(
+    *,
+    out: str | os.PathLike[str],
+    model: str = DEFAULT_MODEL,
+    data: str | None = "python-docs",
+    task: str | None = None,
+    methods: Sequence[str] = ("zero", "mean", "peak"),
+    metrics: Sequence[str] | None = None,
+    heads: Sequence[Head] | None = None,
+    seq_len: int | None = None,
+    n_blocks: int = 8,
+    n_stats_blocks: int = 16,
+    stats_data: str | None = None,
+    text_field: str = "text",
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    batch_size: int = 8,
+    bins: int = 1000,
+    reservoir: int = 16,
+    force: bool = False,
+    progress: bool = False,
+    on_status: Callable[[str], None] | None = None,
+    command: list[str] | None = None,
+    prepared: Prepared | None = None,
+) -> SweepResult:
+    """Ablate every head alone under each method and write a resumable run directory.
+
+    Mirrors ``headlab sweep``; see ``headlab sweep --help`` for the meaning of every option.
+    Returns the tidy table, the ranking and the figures; prints nothing unless ``progress``.
+    """
+    methods = list(methods)
+    if not methods:
+        raise ConfigError("give at least one --method")
+    for m in methods:
+        intervention_from_name(m)
+    check_count("--batch-size", batch_size)
+    inputs = Inputs(
+        model=model, dtype=dtype, device=device, data=None if task else data, task=task,
+        text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
+        stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )  # fmt: skip
+    if heads is not None:
+        heads = check_heads(heads)  # repeats and non-pairs: refused before loading anything
+    if prepared is None:
+        prepared = prepare(inputs, on_status=on_status)
+    if heads is not None:
+        heads = check_heads(heads, prepared.layout)  # beyond the model: before any run directory
+    metric_names = list(metrics) if metrics else prepared.metrics
+    for m in metric_names:
+        get_metric(m)
+    config = stats_config(bins, reservoir, seed, prepared.stats_batch)
+    identity = identity_of(
+        prepared, methods=methods, metrics=metric_names,
+        heads=None if heads is None else [list(h) for h in heads], stats_config=config,
+    )  # fmt: skip
+    with open_run(
+        out, "sweep", identity, tokens=prepared.eval, command=command, force=force,
+        on_status=on_status,
+    ) as run:  # fmt: skip
+        stats = None
+        if needs_stats(methods):
+            stats = job_stats(
+                run, prepared, config, batch_size=batch_size, progress=progress,
+                on_status=on_status,
+            )  # fmt: skip
+        ctx = Context(prepared.model, prepared.layout, prepared.eval, stats, batch_size)
+        parts = sweep_plan(prepared.layout, methods=methods, metrics=metric_names, heads=heads)
+        execute(run, parts, ctx, progress=progress, desc="sweep")
+        return _finish(
+            run, load_parts(run), len(parts[0].metrics) * sum(len(p.heads) for p in parts)
+        )
+
+
+def _finish(run: RunDir, table: pd.DataFrame, expected: int) -> SweepResult:
+    table = tidy(table)
+    if len(table) != expected:
+        raise ConfigError(f"run directory {run.path} holds {len(table)} rows, expected {expected}")
+    ranking = rank_heads(table)
+    run.save_table("results.parquet", table)
+    run.save_table("ranking.csv", ranking)
+    figures = sweep_figures(table)
+    for name, fig in figures.items():
+        run.save_figure(name, fig)
+    metrics = sorted(set(table["metric"]))
+    run.set_status(
+        "complete",
+        baseline={m: float(table[table.metric == m]["baseline"].iloc[0]) for m in metrics},
+        top_heads={
+            f"{meth}/{met}": [
+                [int(r.layer), int(r.head), float(r.delta)] for r in g.head(5).itertuples()
+            ]
+            for (meth, met), g in ranking.groupby(["method", "metric"], sort=True)
+        },
+    )
+    return SweepResult(table, ranking, run, figures)
