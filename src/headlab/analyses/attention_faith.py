@@ -27,7 +27,8 @@ import pandas as pd
 from torch import nn
 
 from headlab.analyses.attention import attention_mass
-from headlab.analyses.attention_rank import TABLE_COLUMNS, bc_interval, compare_rankings
+from headlab.analyses.attention_rank import TABLE_COLUMNS, compare_rankings
+from headlab.analyses.ranking import bc_interval
 from headlab.analyses.sweep import ablate_each
 from headlab.batch import Batch
 from headlab.engine import run_plans

@@ -11,13 +11,12 @@ causal effect (faithfulness), with a bootstrap over examples.
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from headlab.analyses.compare_stats import rank_correlation, spearman
+from headlab.analyses.ranking import bc_interval, rank_correlation, spearman
 from headlab.errors import ConfigError
 
 __all__ = ["TABLE_COLUMNS", "bc_interval", "compare_rankings"]
@@ -64,23 +63,6 @@ def _means(mass: np.ndarray, eff: np.ndarray, w: np.ndarray) -> tuple[np.ndarray
         ww = np.where(ok, w[..., None], 0.0)  # [..., example, head]
         effect = (np.where(ok, eff, 0.0) * ww).sum(-2) / ww.sum(-2)
     return plaus, effect
-
-
-def bc_interval(boot: np.ndarray, point: float, ci: float) -> tuple[float, float]:
-    """Efron's bias-corrected percentile interval of ``point`` from bootstrap values ``boot``:
-    the quantiles ``Phi(2 z0 -+ z)`` with ``z0 = Phi^-1(share of boot below point)`` (ties count
-    half). A plain percentile interval would inherit the resampling bias: duplicated examples add
-    noise to both per-head means and pull every resampled rho toward 0."""
-    boot = boot[np.isfinite(boot)]
-    if not boot.size or not math.isfinite(point):
-        return math.nan, math.nan
-    below = (np.sum(boot < point) + 0.5 * np.sum(boot == point)) / boot.size
-    below = min(max(below, 0.5 / boot.size), 1 - 0.5 / boot.size)
-    normal = NormalDist()
-    z0, z = normal.inv_cdf(below), normal.inv_cdf((1 + ci) / 2)
-    q = [normal.cdf(2 * z0 - z), normal.cdf(2 * z0 + z)]
-    lo, hi = np.quantile(boot, q)
-    return float(lo), float(hi)
 
 
 def compare_rankings(

@@ -16,12 +16,16 @@ its mean change, the whole-batch score is exactly the token-weighted ``|delta|``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from headlab.analyses.ranking import (
+    bootstrap_counts,
+    rank_correlation,
+    topk_overlap,
+)
 from headlab.errors import ConfigError
 
 __all__ = [
@@ -62,15 +66,6 @@ class _Arrays:
                 norm[:, cols] = np.sqrt((out[:, cols] ** 2).sum(1, keepdims=True))
             out = out / (norm + 1e-20)
         return out
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a
-    constant input."""
-    x, y = pd.Series(list(a), dtype=float).rank(), pd.Series(list(b), dtype=float).rank()
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return math.nan
-    return float(np.corrcoef(x.to_numpy(), y.to_numpy())[0, 1])
 
 
 def _arrays(per_example: pd.DataFrame) -> tuple[dict[str, _Arrays], pd.DataFrame]:
@@ -124,41 +119,6 @@ def measure_scores(per_example: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def rank_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Row-wise Spearman correlation of ``[draw, head]`` arrays (average ranks for ties; NaN for a
-    constant row, a row with NaN, or fewer than 3 heads)."""
-    x, y = np.atleast_2d(x), np.atleast_2d(y)
-    rx = pd.DataFrame(x).rank(axis=1).to_numpy()
-    ry = pd.DataFrame(y).rank(axis=1).to_numpy()
-    rx = rx - rx.mean(1, keepdims=True)
-    ry = ry - ry.mean(1, keepdims=True)
-    den = np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (rx * ry).sum(1) / den
-    bad = (den == 0) | np.isnan(x).any(1) | np.isnan(y).any(1) | (x.shape[1] < 3)
-    return np.where(bad, math.nan, rho)
-
-
-def topk_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
-    """``|top_k(a) & top_k(b)| / k``: the share of the ``k`` highest scores of ``a`` that are
-    also among those of ``b`` (ties broken by position, earlier first)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if not 1 <= k <= len(a) or len(a) != len(b):
-        raise ConfigError(f"top-k overlap needs 1 <= k <= {len(a)} heads and equal lengths; k={k}")
-    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
-    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
-    return len(top_a & top_b) / k
-
-
-def _draws(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """``[draw, example]`` counts of ``n_boot`` resamples of ``n`` examples with replacement."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))  # [draw, n]
-    counts = np.zeros((n_boot, n))
-    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
-    return counts
-
-
 def agreement(
     per_example: pd.DataFrame,
     *,
@@ -191,7 +151,7 @@ def agreement(
     ref = arrays[reference]
     ones = np.ones((1, n))
     ref_point = ref.scores(ones)
-    counts = _draws(n, n_boot, seed) if n_boot else None
+    counts = bootstrap_counts(n, n_boot, seed) if n_boot else None
     ref_boot = ref.scores(counts) if counts is not None else None
     lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     rows = []

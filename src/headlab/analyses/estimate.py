@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.compare_stats import spearman
+from headlab.analyses.ranking import spearman
 from headlab.analyses.rollout import rollout_per_example, rollout_scores
 from headlab.analyses.sweep import COLUMNS, tidy
 from headlab.batch import Batch

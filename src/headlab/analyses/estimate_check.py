@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from headlab.analyses.compare_stats import spearman
 from headlab.analyses.estimate import estimate
+from headlab.analyses.ranking import spearman
 from headlab.analyses.sweep import sweep, tidy
 from headlab.batch import Batch
 from headlab.errors import ConfigError

@@ -64,10 +64,11 @@ class SweepPart(Part):
     layer: int
     heads: tuple[int, ...]
     metrics: tuple[str | Metric, ...]
+    prefix: str = ""  # another job's sweep saved in its own run directory: "sweep-"
 
     @property
     def key(self) -> str:
-        return part_key(self.method, self.layer)
+        return self.prefix + part_key(self.method, self.layer)
 
     def cost(self, ctx: Context) -> int:
         return len(self.heads) * len(ctx.batch)
@@ -161,6 +162,7 @@ def sweep_plan(
     methods: Sequence[str | Intervention] = ("zero",),
     metrics: Sequence[str | Metric] = ("ce",),
     heads: Sequence[tuple[int, int]] | None = None,
+    prefix: str = "",
 ) -> list[SweepPart]:
     """The parts of a sweep, method by method and layer by layer.
 
@@ -170,10 +172,11 @@ def sweep_plan(
             ``scale:ALPHA`` ...) or Intervention values.
         metrics: metric names or instances.
         heads: restrict to these ``(layer, head)`` pairs (default: every head).
+        prefix: put before every part's key.
     """
     by_layer = heads_by_layer(layout, heads)
     return [
-        SweepPart(name, iv, ly, tuple(by_layer[ly]), tuple(metrics))
+        SweepPart(name, iv, ly, tuple(by_layer[ly]), tuple(metrics), prefix)
         for name, iv in _as_methods(methods)
         for ly in sorted(by_layer)
     ]

@@ -1,13 +1,11 @@
-"""Job helpers that several commands share: opening a run directory for prepared inputs,
-statistics kept in the run directory, and a sweep either read from an earlier ``headlab sweep`` run
-(checked to be on the same model and data) or computed and saved part by part."""
+"""TEMPORARY shim, removed by the job-layer redesign: the old home of the job helpers
+that several commands share (now in ``headlab.jobs``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -16,7 +14,9 @@ from headlab.cli.common import csv_list, data_kwargs, non_negative_int, positive
 from headlab.cli.common import status as status_printer
 from headlab.errors import ConfigError
 from headlab.jobs import Inputs, Prepared, prepare
-from headlab.runs import RunDir, read_manifest
+from headlab.jobs.sweep import load_sweep as load_sweep
+from headlab.jobs.sweep import saved_sweep as saved_sweep
+from headlab.runs import RunDir
 from headlab.stats import Stats, StatsConfig, collect_stats
 
 
@@ -63,70 +63,6 @@ def run_stats(
     with run.atomic("stats.safetensors") as tmp:
         stats.save(tmp)
     return stats
-
-
-def load_sweep(path: str | Path, prepared: Prepared) -> tuple[pd.DataFrame, bool]:
-    """The table of a finished ``headlab sweep`` run directory and whether it was measured on
-    exactly this command's evaluation blocks (``False``: other blocks of the same data, i.e. a
-    held-out ranking). Refused unless it was run on this model and the same data (corpus or task,
-    text field and block length)."""
-    folder = Path(path)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file() or not (folder / "results.parquet").is_file():
-        raise ConfigError(
-            f"--sweep {folder} is not a finished headlab sweep run directory (no manifest.json "
-            "and results.parquet); run `headlab sweep --out DIR` first or omit --sweep"
-        )
-    manifest = read_manifest(folder)
-    if manifest.get("kind") != "sweep":
-        raise ConfigError(f"--sweep {folder} holds a {manifest.get('kind')!r} run, not a sweep")
-    theirs, mine = manifest.get("identity", {}), prepared.identity()
-    if theirs.get("model_fingerprint") != mine["model_fingerprint"]:
-        raise ConfigError(
-            f"--sweep {folder} was run on a different model than this command; sweep this "
-            "--model (or omit --sweep to compute a sweep here)"
-        )
-    for key in ("data", "task", "text_field", "seq_len"):
-        if theirs.get(key) != mine.get(key):
-            raise ConfigError(
-                f"--sweep {folder} was run on different data ({key}: {theirs.get(key)!r}, here "
-                f"{mine.get(key)!r}); sweep the same --data/--task and --seq-len, or omit --sweep"
-            )
-    same = theirs.get("eval_fingerprint") == mine["eval_fingerprint"]
-    try:
-        return pd.read_parquet(folder / "results.parquet"), same
-    except Exception as err:
-        raise ConfigError(
-            f"{folder / 'results.parquet'} is damaged ({err}); re-run that sweep to rewrite it "
-            "(delete the file, then the same `headlab sweep` command), or omit --sweep"
-        ) from None
-
-
-def saved_sweep(
-    run: RunDir,
-    prepared: Prepared,
-    *,
-    methods: Sequence[str],
-    metrics: Sequence[str],
-    stats: Stats,
-    batch_size: int,
-) -> pd.DataFrame:
-    """A single-head sweep computed inside ``run`` (parts ``sweep-*``, resumable)."""
-    from headlab.analyses.sweep import sweep_parts, tidy
-
-    done = {k[len("sweep-") :] for k in run.done_parts() if k.startswith("sweep-")}
-    for part in sweep_parts(
-        prepared.model,
-        prepared.eval,
-        methods=list(methods),
-        metrics=list(metrics),
-        stats=stats,
-        batch_size=batch_size,
-        skip=done,
-        layout=prepared.layout,
-    ):
-        run.save_part(f"sweep-{part.key}", part.table)
-    return tidy(load_parts(run, "sweep-"))
 
 
 def load_parts(run: RunDir, prefix: str) -> pd.DataFrame:

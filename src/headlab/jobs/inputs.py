@@ -14,7 +14,7 @@ from headlab.errors import ConfigError
 from headlab.models.layout import Layout, describe, max_positions
 from headlab.models.load import DEFAULT_MODEL, cached_fingerprint, load_model
 
-__all__ = ["Inputs", "Prepared", "prepare"]
+__all__ = ["Inputs", "Prepared", "off_target_batches", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -161,3 +161,42 @@ def prepare(inputs: Inputs, *, on_status: Callable[[str], None] | None = None) -
     )
 
 
+
+
+def off_target_batches(
+    spec: str,
+    prepared: Prepared,
+    *,
+    n: int,
+    seq_len: int | None,
+    seed: int,
+    exclude_task: str | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> dict[str, tuple[Batch, str]]:
+    """The targets of ``--off-target SPEC`` as ``{name: (batch, metric)}``: ``none``; ``auto``
+    (every built-in task but ``exclude_task``, plus python-docs; a target that cannot be built for
+    this model is skipped with a status line); or a comma list of task and corpus names."""
+    from headlab.data.targets import target_batch
+    from headlab.data.tasks import TASKS
+
+    spec = spec.strip()
+    if spec == "none":
+        return {}
+    auto = spec == "auto"
+    if auto:
+        names = [t for t in TASKS if t != exclude_task] + ["python-docs"]
+    else:
+        names = [t.strip() for t in spec.split(",") if t.strip()]
+    out: dict[str, tuple[Batch, str]] = {}
+    for name in names:
+        try:
+            out[name] = target_batch(
+                name, prepared.tokenizer, n=n, seed=seed,
+                seq_len=None if name in TASKS else seq_len, corpus_seed_offset=7,
+            )  # fmt: skip
+        except ConfigError as err:
+            if not auto:
+                raise
+            if on_status:
+                on_status(f"off-target: skipping {name} ({err})")
+    return out

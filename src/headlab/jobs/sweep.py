@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -29,9 +30,10 @@ from headlab.metrics import get_metric
 from headlab.models.load import DEFAULT_MODEL
 from headlab.parts import Context
 from headlab.plots.sweep import sweep_figures
-from headlab.runs import RunDir
+from headlab.runs import RunDir, read_manifest
+from headlab.stats import Stats
 
-__all__ = ["SweepResult", "run_sweep"]
+__all__ = ["SweepResult", "load_sweep", "run_sweep", "saved_sweep"]
 
 
 @dataclass
@@ -147,3 +149,57 @@ def _finish(run: RunDir, table: pd.DataFrame, expected: int) -> SweepResult:
         },
     )
     return SweepResult(table, ranking, run, figures)
+
+
+def load_sweep(path: str | Path, prepared: Prepared) -> tuple[pd.DataFrame, bool]:
+    """The table of a finished ``headlab sweep`` run directory and whether it was measured on
+    exactly this command's evaluation blocks (``False``: other blocks of the same data, i.e. a
+    held-out ranking). Refused unless it was run on this model and the same data (corpus or task,
+    text field and block length)."""
+    folder = Path(path)
+    if not (folder / "manifest.json").is_file() or not (folder / "results.parquet").is_file():
+        raise ConfigError(
+            f"--sweep {folder} is not a finished headlab sweep run directory (no manifest.json "
+            "and results.parquet); run `headlab sweep --out DIR` first or omit --sweep"
+        )
+    manifest = read_manifest(folder)
+    if manifest.get("kind") != "sweep":
+        raise ConfigError(f"--sweep {folder} holds a {manifest.get('kind')!r} run, not a sweep")
+    theirs, mine = manifest.get("identity", {}), prepared.identity()
+    if theirs.get("model_fingerprint") != mine["model_fingerprint"]:
+        raise ConfigError(
+            f"--sweep {folder} was run on a different model than this command; sweep this "
+            "--model (or omit --sweep to compute a sweep here)"
+        )
+    for key in ("data", "task", "text_field", "seq_len"):
+        if theirs.get(key) != mine.get(key):
+            raise ConfigError(
+                f"--sweep {folder} was run on different data ({key}: {theirs.get(key)!r}, here "
+                f"{mine.get(key)!r}); sweep the same --data/--task and --seq-len, or omit --sweep"
+            )
+    same = theirs.get("eval_fingerprint") == mine["eval_fingerprint"]
+    try:
+        return pd.read_parquet(folder / "results.parquet"), same
+    except Exception as err:
+        raise ConfigError(
+            f"{folder / 'results.parquet'} is damaged ({err}); re-run that sweep to rewrite it "
+            "(delete the file, then the same `headlab sweep` command), or omit --sweep"
+        ) from None
+
+
+def saved_sweep(
+    run: RunDir,
+    prepared: Prepared,
+    *,
+    methods: Sequence[str],
+    metrics: Sequence[str],
+    stats: Stats | None,
+    batch_size: int,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """A single-head sweep computed inside another job's ``run`` (parts ``sweep-*``,
+    resumable), as a tidy table."""
+    ctx = Context(prepared.model, prepared.layout, prepared.eval, stats, batch_size)
+    parts = sweep_plan(prepared.layout, methods=methods, metrics=metrics, prefix="sweep-")
+    execute(run, parts, ctx, progress=progress, desc="sweep")
+    return tidy(load_parts(run, "sweep-"))
