@@ -11,12 +11,18 @@ from headlab.cli.common import (
     add_data_args,
     add_model_args,
     add_run_args,
+    add_stats_args,
     csv_list,
+    int_list,
     parse_heads,
     positive_int,
 )
 from headlab.cli.common import status as status_printer
-from headlab.cli.shared import add_stats_args, int_list, load_parts, open_run, prepared_inputs
+from headlab.cli.shared import (
+    load_parts,
+    open_run,
+    prepared_inputs,
+)
 from headlab.errors import ConfigError
 from headlab.runs import RunDir
 

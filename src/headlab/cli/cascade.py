@@ -11,12 +11,12 @@ from headlab.cli.common import (
     add_data_args,
     add_model_args,
     add_run_args,
+    add_stats_args,
     parse_heads,
     positive_int,
 )
 from headlab.cli.common import status as status_printer
 from headlab.cli.shared import (
-    add_stats_args,
     load_parts,
     off_target_targets,
     open_run,

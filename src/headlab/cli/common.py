@@ -189,3 +189,34 @@ def status(args: argparse.Namespace):
     if getattr(args, "quiet", False):
         return None
     return lambda msg: print(f"headlab: {msg}", file=sys.stderr, flush=True)
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def add_stats_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("statistics")
+    g.add_argument(
+        "--bins", type=positive_int("--bins"), default=1000, help="histogram bins for peak"
+    )
+    g.add_argument(
+        "--reservoir",
+        type=non_negative_int("--reservoir"),
+        default=16,
+        help="donor inputs for resample",
+    )

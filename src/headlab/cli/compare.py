@@ -12,13 +12,13 @@ from headlab.cli.common import (
     add_data_args,
     add_model_args,
     add_run_args,
+    add_stats_args,
     csv_list,
     non_negative_int,
     positive_int,
 )
 from headlab.cli.common import status as status_printer
 from headlab.cli.shared import (
-    add_stats_args,
     load_sweep,
     off_target_targets,
     open_run,

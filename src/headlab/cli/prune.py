@@ -7,12 +7,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list
-from headlab.cli.common import status as status_printer
-from headlab.cli.shared import (
+from headlab.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
     add_stats_args,
+    csv_list,
     float_list,
     int_list,
+)
+from headlab.cli.common import status as status_printer
+from headlab.cli.shared import (
     load_parts,
     load_sweep,
     open_run,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from headlab.cli.common import csv_list, data_kwargs, non_negative_int, positive_int
+from headlab.cli.common import csv_list, data_kwargs
 from headlab.cli.common import status as status_printer
 from headlab.errors import ConfigError
 from headlab.jobs import Inputs, Prepared, prepare
@@ -71,37 +71,6 @@ def load_parts(run: RunDir, prefix: str) -> pd.DataFrame:
     if table is None:
         raise ConfigError(f"run directory {run.path} has no {prefix}* parts")
     return table
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(t) for t in csv_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in csv_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def add_stats_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("statistics")
-    g.add_argument(
-        "--bins", type=positive_int("--bins"), default=1000, help="histogram bins for peak"
-    )
-    g.add_argument(
-        "--reservoir",
-        type=non_negative_int("--reservoir"),
-        default=16,
-        help="donor inputs for resample",
-    )
 
 
 def off_target_targets(

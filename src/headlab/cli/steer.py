@@ -15,12 +15,12 @@ from pathlib import Path
 from headlab.cli.common import (
     add_model_args,
     add_run_args,
+    float_list,
     non_negative_int,
     parse_heads,
     positive_int,
     status,
 )
-from headlab.cli.shared import float_list
 
 NAME = "steer"
 HELP = (
