@@ -95,6 +95,7 @@ _EXPORTS: dict[str, str] = {
     "rank_heads": "headlab.analyses.sweep",
     "sweep": "headlab.analyses.sweep",
     # -- jobs: the Python twin of every command (same run directory as the CLI) ---------------
+    "run_demo": "headlab.jobs.demo",
     "run_gate": "headlab.gate_jobs",
     "run_l0": "headlab.l0_jobs",
     "run_steer": "headlab.steer_jobs",

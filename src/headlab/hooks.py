@@ -24,7 +24,15 @@ import torch
 from torch import nn
 
 from headlab.errors import ConfigError, HeadlabError
-from headlab.interventions import Activations, Intervention, Plan, Selection, Site, StatsSource
+from headlab.interventions import (
+    Activations,
+    Intervention,
+    Plan,
+    Selection,
+    Site,
+    StatsSource,
+    example_offset,
+)
 from headlab.models.layout import Layout, describe, with_position_ids
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "capture",
     "capture_blocks",
     "intervene",
+    "intervene_at",
     "intervene_stacked",
     "record",
     "replay_blocks",
@@ -197,6 +206,23 @@ def intervene(
                 f"planned interventions on layers {missing} never ran: run the model inside the "
                 "`with intervene(...)` block (a hook that never fires means nothing was ablated)"
             )
+
+
+@contextmanager
+def intervene_at(
+    model: nn.Module, plan: Plan | None, start: int, *, stats: StatsSource | None = None
+) -> Iterator[None]:
+    """:func:`intervene` for a sub-batch whose first example is example ``start`` of a larger
+    batch (input-dependent interventions then pick the same donors as one forward would); an
+    empty or missing plan installs nothing. The ``around`` of
+    :func:`headlab.models.attention.attention_patterns`: ``partial(intervene_at, model, plan,
+    stats=stats)``."""
+    with example_offset(start):
+        if plan is None or not len(plan):
+            yield
+            return
+        with intervene(model, plan, stats=stats):
+            yield
 
 
 @contextmanager

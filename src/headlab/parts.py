@@ -38,6 +38,9 @@ class Context:
         batches: other named batches a job's parts read (counterfactuals, off-target targets, a
             forget set ...), by name.
         cache: clean runs shared by the parts run in this process (never sent anywhere).
+        tokenizer: the model's tokenizer, for parts that read or write text (generation);
+            loaded beside the model wherever the part runs.
+        caches: clean runs of the named ``batches``, one cache each (like ``cache``).
     """
 
     model: nn.Module
@@ -47,6 +50,8 @@ class Context:
     batch_size: int = 8
     batches: Mapping[str, Batch] = field(default_factory=dict)
     cache: CleanCache = field(default_factory=CleanCache, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+    caches: dict[str, CleanCache] = field(default_factory=dict, repr=False)
 
 
 class Part:

@@ -214,3 +214,34 @@ def test_unreadable_or_empty_corpus_files(tiny_folder, tmp_path, capsys):
         argv[argv.index("--data") + 1] = str(path)
         assert main(argv) == 2
         assert message in capsys.readouterr().err
+
+
+def test_run_sweep_twin_writes_the_cli_run_directory(tiny_folder, tmp_path):
+    """``hl.run_sweep`` and ``headlab sweep`` with the same options write the same tables."""
+    opts = dict(data="python-docs", seq_len=16, n_blocks=2, n_stats_blocks=2, batch_size=2)
+    result = hl.run_sweep(out=tmp_path / "py", model=str(tiny_folder), methods=["zero", "mean"],
+                          bins=50, reservoir=2, **opts)  # fmt: skip
+    argv = [
+        "sweep", "--model", str(tiny_folder), "--data", "python-docs", "--seq-len", "16",
+        "--n-blocks", "2", "--n-stats-blocks", "2", "--batch-size", "2", "--method", "zero,mean",
+        "--bins", "50", "--reservoir", "2", "--out", str(tmp_path / "cli"), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    for name in ("results.parquet", "ranking.csv"):
+        read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+        pd.testing.assert_frame_equal(read(tmp_path / "py" / name), read(tmp_path / "cli" / name))
+    pd.testing.assert_frame_equal(
+        result.table, pd.read_parquet(tmp_path / "cli" / "results.parquet")
+    )
+
+
+def test_zero_only_sweep_collects_no_statistics(tiny_folder, tmp_path):
+    """Statistics are collected only when a method reads them."""
+    argv = [
+        "sweep", "--model", str(tiny_folder), "--data", "python-docs", "--seq-len", "16",
+        "--n-blocks", "2", "--n-stats-blocks", "2", "--method", "zero,scale:2",
+        "--out", str(tmp_path / "z"), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert not (tmp_path / "z" / "stats.safetensors").exists()
+    assert len(pd.read_parquet(tmp_path / "z" / "results.parquet")) > 0

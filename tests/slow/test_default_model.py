@@ -69,3 +69,14 @@ def test_sweep_cli_on_the_default_model(smol, tmp_path):
         "ce"
     ].mean
     assert float(row["value"].iloc[0]) == pytest.approx(direct, rel=1e-5)
+
+
+def test_run_demo_twin_writes_the_cli_run_directory(smol, tmp_path):
+    """``hl.run_demo`` and ``headlab demo`` (shrunk: one 9-token sequence, zero ablation) write
+    the same table over all 270 heads of the default model."""
+    hl.run_demo(out=tmp_path / "py", methods=["zero"], n=1, seq_len=9)
+    argv = ["demo", "--method", "zero", "--n", "1", "--seq-len", "9", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    got = pd.read_parquet(tmp_path / "cli" / "results.parquet")
+    assert len(got) == 270
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "py" / "results.parquet"), got)

@@ -69,6 +69,7 @@ PINNED = {
     "record",
     "register_family",
     "rescaled",
+    "run_demo",
     "run_gate",
     "run_l0",
     "run_plans",

@@ -23,26 +23,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from headlab.batch import Batch
-from headlab.engine import CleanCache, run_plans
+from headlab.engine import run_plans
 from headlab.errors import ConfigError
+from headlab.heads import Head
 from headlab.interventions import Intervention, Plan, StatsSource, intervention_from_name
 from headlab.metrics import Metric, get_metric
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, OnForward, Part
 
 __all__ = [
     "COLUMNS",
+    "CascadePart",
     "CascadeStep",
     "backup_heads",
     "cascade",
-    "cascade_figure",
+    "cascade_candidates",
     "cascade_steps",
     "off_target",
-    "random_heads",
+    "part_key",
     "removed_heads",
 ]
 
@@ -60,12 +61,16 @@ COLUMNS = [
     "effect",
     "removed",
 ]
-Head = tuple[int, int]
+
+
+def part_key(step: int) -> str:
+    return f"cascade-step{step:03d}"
 
 
 @dataclass(frozen=True)
 class CascadeStep:
-    """One round: every remaining candidate scored on top of the heads removed so far."""
+    """One round's outcome: every remaining candidate scored on top of the heads removed so far,
+    and the head it removed."""
 
     step: int
     removed_head: Head
@@ -73,7 +78,71 @@ class CascadeStep:
 
     @property
     def key(self) -> str:
-        return f"cascade-step{self.step:03d}"
+        return part_key(self.step)
+
+
+@dataclass(frozen=True)
+class CascadePart(Part):
+    """Round ``step`` of a cascade (key ``cascade-step###``): every candidate not in ``removed``
+    (the heads removed by the earlier rounds, in order) ablated together with ``removed``. Each
+    round needs the one before it, so a job runs them one after the other."""
+
+    step: int
+    method: str
+    intervention: Intervention
+    metric: str | Metric
+    candidates: tuple[Head, ...]
+    removed: tuple[Head, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return part_key(self.step)
+
+    def cost(self, ctx: Context) -> int:
+        plans = 1 + len(self.candidates) - len(self.removed) + (1 if self.removed else 0)
+        return plans * len(ctx.batch)
+
+    def run(self, ctx: Context, on_forward: OnForward | None = None) -> pd.DataFrame:
+        m, iv, gone = get_metric(self.metric), self.intervention, list(self.removed)
+        sign = -1.0 if m.higher_is_better else 1.0
+
+        def score(plans: list[Plan]) -> list[float]:
+            out = run_plans(
+                ctx.model, ctx.batch, plans, [m], stats=ctx.stats, batch_size=ctx.batch_size,
+                layout=ctx.layout, on_forward=on_forward, cache=ctx.cache,
+            )  # fmt: skip
+            return [s[m.name].mean for s in out]
+
+        clean = score([Plan()])[0]
+        base = score([Plan.heads(gone, iv)])[0] if gone else clean
+        remaining = [h for h in self.candidates if h not in gone]
+        values = score([Plan.heads([*gone, h], iv) for h in remaining])
+        effects = [sign * (v - base) for v in values]
+        pick = max(
+            range(len(remaining)), key=lambda i: (effects[i], -remaining[i][0], -remaining[i][1])
+        )
+        rows = [
+            [self.step, len(gone), ly, h, self.method, m.name, v, base, clean, v - base, e,
+             i == pick]
+            for i, ((ly, h), v, e) in enumerate(zip(remaining, values, effects, strict=True))
+        ]  # fmt: skip
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def cascade_candidates(
+    layout: Layout, heads: Sequence[Head] | None, steps: int
+) -> tuple[Head, ...]:
+    """The candidates of a cascade of ``steps`` rounds (default: every head), checked."""
+    pool = [tuple(h) for h in heads] if heads is not None else layout.heads()
+    for ly, h in pool:
+        layout.check_head(ly, h)
+    if len(set(pool)) != len(pool):
+        raise ConfigError("cascade candidates repeat a head; give each (layer, head) once")
+    if not 1 <= steps <= len(pool):
+        raise ConfigError(
+            f"steps must be in 1..{len(pool)} (the number of candidates), got {steps}"
+        )
+    return tuple(pool)
 
 
 def cascade_steps(
@@ -102,46 +171,18 @@ def cascade_steps(
     layout = layout if layout is not None else describe(model)
     iv = intervention_from_name(method) if isinstance(method, str) else method
     name = method if isinstance(method, str) else iv.label
-    m = get_metric(metric)
-    pool = list(heads) if heads is not None else layout.heads()
-    for ly, h in pool:
-        layout.check_head(ly, h)
-    if len(set(pool)) != len(pool):
-        raise ConfigError("cascade candidates repeat a head; give each (layer, head) once")
-    if not 1 <= steps <= len(pool):
-        raise ConfigError(
-            f"steps must be in 1..{len(pool)} (the number of candidates), got {steps}"
-        )
+    get_metric(metric)
+    pool = cascade_candidates(layout, heads, steps)
     if iv.needs is not None and stats is None:
         raise ConfigError(f"method {name!r} needs activation statistics; pass stats=...")
     gone = [tuple(h) for h in removed]
     if any(h not in pool for h in gone):
         raise ConfigError("the removed heads to resume from are not all among the candidates")
-    sign = -1.0 if m.higher_is_better else 1.0
-    cache = CleanCache()  # one clean pass per sub-batch for every round
-
-    def score(plans: list[Plan]) -> list[float]:
-        out = run_plans(
-            model, batch, plans, [m], stats=stats, batch_size=batch_size,
-            layout=layout, on_forward=on_forward, cache=cache,
-        )  # fmt: skip
-        return [s[m.name].mean for s in out]
-
-    clean = score([Plan()])[0]
+    ctx = Context(model, layout, batch, stats, batch_size)  # one clean pass for every round
     for step in range(len(gone), steps):
-        base = score([Plan.heads(gone, iv)])[0] if gone else clean
-        remaining = [h for h in pool if h not in gone]
-        values = score([Plan.heads([*gone, h], iv) for h in remaining])
-        effects = [sign * (v - base) for v in values]
-        pick = max(
-            range(len(remaining)), key=lambda i: (effects[i], -remaining[i][0], -remaining[i][1])
-        )
-        rows = [
-            [step, len(gone), ly, h, name, m.name, v, base, clean, v - base, e, i == pick]
-            for i, ((ly, h), v, e) in enumerate(zip(remaining, values, effects, strict=True))
-        ]
-        gone.append(remaining[pick])
-        yield CascadeStep(step, remaining[pick], pd.DataFrame(rows, columns=COLUMNS))
+        table = CascadePart(step, name, iv, metric, pool, tuple(gone)).run(ctx, on_forward)
+        gone.append(removed_heads(table)[0])
+        yield CascadeStep(step, gone[-1], table)
 
 
 def cascade(model: nn.Module, batch: Batch, **kwargs: object) -> pd.DataFrame:
@@ -187,37 +228,6 @@ def backup_heads(table: pd.DataFrame, *, share: float = 0.25, ratio: float = 2.0
     return pd.DataFrame(out, columns=cols)
 
 
-def cascade_figure(
-    table: pd.DataFrame, *, top: int = 8, share: float = 0.25, ratio: float = 2.0
-) -> Figure:
-    """Effect of the ``top`` heads (by their largest effect) at every round; x ticks name the
-    head removed before each round; backups (:func:`backup_heads` with ``share``, ``ratio``) are
-    circled and always drawn."""
-    steps = sorted(set(table["step"]))
-    gone = removed_heads(table)
-    peak = table.groupby(["layer", "head"])["effect"].max().sort_values(ascending=False)
-    fig = Figure(figsize=(1.6 + 0.9 * len(steps), 3.6))
-    ax = fig.add_subplot()
-    backups = backup_heads(table, share=share, ratio=ratio)
-    flagged = zip(backups["layer"].astype(int), backups["head"].astype(int), strict=True)
-    shown = list(dict.fromkeys([*peak.index[:top], *flagged]))
-    for i, (ly, h) in enumerate(shown):
-        g = table[(table["layer"] == ly) & (table["head"] == h)].sort_values("step")
-        ax.plot(g["step"], g["effect"], marker="o", ms=3, color=f"C{i % 10}", label=f"L{ly}.H{h}")
-        hits = backups[(backups["layer"] == ly) & (backups["head"] == h)]
-        ax.scatter(hits["step"], hits["effect_after"], s=120, facecolors="none", edgecolors="k")
-    labels = ["none"] + [f"-L{ly}.H{h}" for ly, h in gone[: len(steps) - 1]]
-    ax.set_xticks(steps, [f"{s}\n{lab}" for s, lab in zip(steps, labels, strict=False)], fontsize=7)
-    ax.axhline(0, color="0.6", lw=0.8)
-    method, metric = table["method"].iloc[0], table["metric"].iloc[0]
-    ax.set_xlabel("round (head removed before it)")
-    ax.set_ylabel(f"effect on {metric} ({method} ablation)")
-    ax.set_title("Iterative removal with re-ranking (circles: backup heads)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
-
-
 def off_target(
     model: nn.Module,
     selections: Mapping[str, Sequence[Head]],
@@ -258,22 +268,3 @@ def off_target(
                          -d if m.higher_is_better else d])  # fmt: skip
     cols = ["selected_on", "target", "n_heads", "metric", "value", "baseline", "delta", "effect"]
     return pd.DataFrame(rows, columns=cols)
-
-
-def random_heads(
-    layout: Layout,
-    k: int,
-    *,
-    seed: int = 0,
-    exclude: Sequence[Head] = (),
-    pool: Sequence[Head] | None = None,
-) -> list[Head]:
-    """``k`` random heads from ``pool`` (default: every head) not in ``exclude``: a control."""
-    drop = {tuple(h) for h in exclude}
-    pool = [
-        tuple(h) for h in (pool if pool is not None else layout.heads()) if tuple(h) not in drop
-    ]
-    if k > len(pool):
-        raise ConfigError(f"asked for {k} random heads but only {len(pool)} are available")
-    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-    return sorted(pool[i] for i in perm[:k].tolist())

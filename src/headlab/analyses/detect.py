@@ -21,37 +21,40 @@ options used):
   induction head on ``[BOS] r r`` scores ``T / (T + 2)`` to ``(T + 1) / (T + 2)``; the usual
   detector threshold is 0.4.
 
-Attention probabilities come from ``output_attentions=True`` with the model's attention
-implementation switched to ``eager`` for the duration (:func:`eager_attention`; SDPA and flash
-kernels do not return them) and restored afterwards. :func:`attention_patterns` also runs under
-an intervention plan, e.g. to see an induction head fail once its previous-token head is ablated.
+Attention probabilities are Hugging Face's own (:func:`headlab.models.attention.attention_patterns`,
+under eager attention); :func:`detect_heads` also scores them under an intervention plan, e.g. to
+see an induction head fail once its previous-token head is ablated. :class:`DetectPart` is the
+one part of ``headlab detect`` (key ``detect``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
-import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from headlab.batch import Batch
-from headlab.errors import ConfigError, HeadlabError
-from headlab.hooks import intervene
-from headlab.interventions import Plan, StatsSource, example_offset
-from headlab.models.layout import Layout, call_model, describe
+from headlab.errors import ConfigError
+from headlab.heads import Head
+from headlab.heads import top_heads as _top_heads
+from headlab.hooks import intervene_at
+from headlab.interventions import Plan, StatsSource
+from headlab.models.attention import attention_patterns, check_unpadded
+from headlab.models.attention import eager_attention as eager_attention  # analyses/rollout.py
+from headlab.models.layout import Layout, describe
+from headlab.parts import Context, Part
 
 __all__ = [
     "DETECTORS",
-    "attention_patterns",
-    "detect_figure",
+    "DIAGONAL",
+    "DetectPart",
     "detect_heads",
     "detection_pattern",
     "diagonal_score",
-    "eager_attention",
     "pattern_score",
     "repeat_period",
     "top_heads",
@@ -62,78 +65,6 @@ DETECTORS = ("previous_token", "duplicate_token", "induction")
 #: ARENA diagonal scores, computed on repeated batches only
 DIAGONAL = ("induction_diag", "previous_token_diag")
 COLUMNS = ["layer", "head", "metric", "value", "n", "measure", "exclude_bos", "exclude_current"]
-
-
-@contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Switch ``model`` to eager attention (which returns probabilities) and restore it after.
-
-    Uses ``model.set_attn_implementation`` (transformers >= 4.48); raises a clear error for models
-    without it.
-    """
-    config = getattr(model, "config", None)
-    old = getattr(config, "_attn_implementation", None)
-    setter = getattr(model, "set_attn_implementation", None)
-    if old == "eager":
-        yield
-        return
-    if setter is None or old is None:
-        raise HeadlabError(
-            f"{type(model).__name__} cannot switch to eager attention (no "
-            "set_attn_implementation); load it with attn_implementation='eager' to read patterns"
-        )
-    setter("eager")
-    try:
-        yield
-    finally:
-        setter(old)
-
-
-def _forward_attentions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple:
-    out = call_model(model, inputs, output_attentions=True)
-    attn = getattr(out, "attentions", None)
-    if not attn or any(a is None for a in attn):
-        raise HeadlabError(
-            f"{type(model).__name__} returned no attention probabilities with "
-            "output_attentions=True; its attention implementation cannot report them"
-        )
-    return tuple(attn)
-
-
-def attention_patterns(
-    model: nn.Module,
-    batch: Batch,
-    *,
-    plan: Plan | None = None,
-    stats: StatsSource | None = None,
-    batch_size: int = 8,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, A)`` per sub-batch: ``A`` is ``[layer, batch, head, q, k]`` (float32, CPU)
-    for examples ``start : start + batch`` of ``batch``, under ``plan`` if given.
-
-    The model runs with eager attention until the generator is exhausted or closed (use it in a
-    ``for`` loop, or ``contextlib.closing``)."""
-    _check_unpadded(batch)
-    device = next(model.parameters()).device
-    with torch.no_grad(), eager_attention(model):
-        for i, chunk in enumerate(batch.chunks(batch_size)):
-            with ExitStack() as stack:
-                stack.enter_context(example_offset(i * batch_size))
-                if plan is not None and len(plan):
-                    stack.enter_context(intervene(model, plan, stats=stats))
-                attn = _forward_attentions(model, chunk.to(device).model_inputs())
-            yield i * batch_size, torch.stack([a.float().cpu() for a in attn])
-
-
-def _check_unpadded(batch: Batch) -> None:
-    if batch.input_ids is None:
-        raise ConfigError("head detectors read token ids; give a text batch (input_ids)")
-    am = batch.attention_mask
-    if am is not None and not bool(am.bool().all()):
-        raise ConfigError(
-            "head detectors need unpadded sequences of one length; use blocks from "
-            "headlab.make_blocks or a task batch"
-        )
 
 
 def detection_pattern(kind: str, ids: torch.Tensor) -> torch.Tensor:
@@ -225,7 +156,7 @@ def detect_heads(
             raise ConfigError(f"unknown detector {d!r}; choose from {', '.join(DETECTORS)}")
     if measure not in ("mul", "abs"):
         raise ConfigError(f"measure must be 'mul' or 'abs' (TransformerLens), got {measure!r}")
-    _check_unpadded(batch)
+    check_unpadded(batch)
     layout = layout if layout is not None else describe(model)
     if batch.seq_len < 3:
         raise ConfigError(f"head detectors need sequences of 3+ tokens, got {batch.seq_len}")
@@ -233,9 +164,8 @@ def detect_heads(
     names = list(detectors) + (list(DIAGONAL) if period else [])
     shape = (layout.n_layers, layout.n_heads)
     sums = {name: torch.zeros(shape, dtype=torch.float64) for name in names}
-    for start, attn in attention_patterns(
-        model, batch, plan=plan, stats=stats, batch_size=batch_size
-    ):
+    around = partial(intervene_at, model, plan, stats=stats)
+    for start, attn in attention_patterns(model, batch, batch_size=batch_size, around=around):
         ids = batch.input_ids[start : start + attn.shape[1]]  # [batch, pos]
         for d in detectors:
             pat = detection_pattern(d, ids)[None, :, None]  # [1, batch, 1, q, k]
@@ -270,36 +200,28 @@ def detect_heads(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def top_heads(table: pd.DataFrame, metric: str, k: int = 5) -> list[tuple[int, int]]:
-    """The ``k`` highest-scoring ``(layer, head)`` pairs for ``metric``."""
-    sub = table[table["metric"] == metric]
-    if sub.empty:
+def top_heads(table: pd.DataFrame, metric: str, k: int = 5) -> list[Head]:
+    """The ``k`` highest-scoring heads of detector ``metric`` (:func:`headlab.heads.top_heads` on
+    its rows; ties by layer, head)."""
+    if not (table["metric"] == metric).any():
         raise ConfigError(f"no rows for metric {metric!r}; available: {sorted(set(table.metric))}")
-    best = sub.sort_values("value", ascending=False, kind="stable").head(k)
-    return [(int(r.layer), int(r.head)) for r in best.itertuples()]
+    return _top_heads(table, "value", k, where=table["metric"] == metric)
 
 
-def detect_figure(table: pd.DataFrame, *, threshold: float = 0.4) -> Figure:
-    """One layer x head heatmap per detector (scores in [0, 1]); heads above ``threshold`` are
-    outlined with their score."""
-    metrics = [m for m in (*DETECTORS, *DIAGONAL) if m in set(table["metric"])]
-    if not metrics:
-        raise ConfigError("the table holds no detector rows")
-    n_layers = int(table["layer"].max()) + 1
-    n_heads = int(table["head"].max()) + 1
-    fig = Figure(figsize=(0.9 + (0.35 * n_heads + 0.9) * len(metrics), 1.2 + 0.2 * n_layers))
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, metric in zip(axes, metrics, strict=True):
-        sub = table[table["metric"] == metric]
-        grid = np.full((n_layers, n_heads), np.nan)
-        grid[sub["layer"].to_numpy(), sub["head"].to_numpy()] = sub["value"].to_numpy()
-        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-        for ly, h in zip(*np.nonzero(grid > threshold), strict=True):
-            ax.text(h, ly, f"{grid[ly, h]:.2f}", ha="center", va="center", fontsize=6, color="k")
-        ax.set_title(metric.replace("_", " "), fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_xticks(range(n_heads))
-        ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
-    axes[0].set_ylabel("layer")
-    fig.colorbar(im, ax=list(axes), fraction=0.03, label="score")
-    return fig
+@dataclass(frozen=True)
+class DetectPart(Part):
+    """Every head scored by each detector on the run's batch: the one part of ``headlab detect``
+    (key ``detect``), a :func:`detect_heads` table."""
+
+    detectors: tuple[str, ...] = DETECTORS
+    measure: str = "mul"
+    exclude_bos: bool = False
+    exclude_current_token: bool = False
+    key: str = "detect"
+
+    def run(self, ctx: Context, on_forward: Callable[[int], None] | None = None) -> pd.DataFrame:
+        return detect_heads(
+            ctx.model, ctx.batch, detectors=self.detectors, measure=self.measure,
+            exclude_bos=self.exclude_bos, exclude_current_token=self.exclude_current_token,
+            batch_size=ctx.batch_size, layout=ctx.layout,
+        )  # fmt: skip

@@ -23,21 +23,21 @@ Everything is scored through :func:`headlab.engine.run_plans`; fraction 0 is the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from headlab.batch import Batch
-from headlab.engine import CleanCache, run_plans
+from headlab.engine import run_plans
 from headlab.errors import ConfigError
 from headlab.interventions import Intervention, Plan, Site, StatsSource, intervention_from_name
 from headlab.metrics import Metric, get_metric
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, OnForward, Part
 
 __all__ = [
     "COLUMNS",
@@ -46,8 +46,9 @@ __all__ = [
     "UNITS",
     "PrunePart",
     "check_fractions",
+    "check_orders",
+    "part_key",
     "prune_curves",
-    "prune_figure",
     "prune_parts",
     "prune_plan",
     "random_units",
@@ -66,20 +67,6 @@ COLUMNS = [
 Unit = tuple[int, int]  # (layer, head) or (layer, neuron index within the layer)
 
 
-@dataclass(frozen=True)
-class PrunePart:
-    """One pruning curve (order, method, seed): the unit a run directory saves and resumes."""
-
-    order: str
-    method: str
-    seed: int
-    table: pd.DataFrame
-
-    @property
-    def key(self) -> str:
-        return part_key(self.order, self.method, self.seed)
-
-
 def part_key(order: str, method: str, seed: int) -> str:
     return f"prune-{order}-{method.replace(':', '_')}-s{seed}"
 
@@ -95,6 +82,20 @@ def check_fractions(fractions: Sequence[float]) -> list[float]:
             )
         out.add(float(f))
     return sorted(out | {0.0})
+
+
+def check_orders(orders: Sequence[str], unit: str) -> None:
+    """Refuse unknown units and orders, and importance orders on neurons (before any work)."""
+    if unit not in UNITS:
+        raise ConfigError(f"unit must be one of {UNITS}, got {unit!r}")
+    for o in orders:
+        if o not in ORDERS:
+            raise ConfigError(f"unknown pruning order {o!r}; choose from {', '.join(ORDERS)}")
+        if o != "random" and unit != "head":
+            raise ConfigError(
+                f"order {o!r} ranks whole heads; use --unit head (Python: unit='head') or --order "
+                "random"
+            )
 
 
 def random_units(layout: Layout, unit: str, seed: int) -> list[Unit]:
@@ -169,8 +170,6 @@ def _importance_order(
 
 
 def _iterative_order(
-    model: nn.Module,
-    batch: Batch,
     layout: Layout,
     iv: Intervention,
     counts: list[int],
@@ -198,9 +197,83 @@ def _iterative_order(
     return order + remaining
 
 
+def _iterative_plans(n_heads: int, counts: list[int]) -> int:
+    """Plans :func:`_iterative_order` scores to rank ``n_heads`` heads at ``counts``."""
+    total, have = 0, 0
+    for target in counts:
+        need = target - have
+        if need <= 0:
+            continue
+        if need < n_heads - have:
+            total += n_heads - have
+        have = min(n_heads, target)
+    return total
+
+
+@dataclass(frozen=True)
+class PrunePart(Part):
+    """One pruning curve (order, method, seed): the unit a run directory saves and resumes (key
+    ``prune-ORDER-METHOD-sSEED``). The curve's units in pruning order come from ``seed``
+    (``random``), ``ranking`` (``sweep``: heads least important first) or a greedy re-ranking run
+    by the part itself (``iterative``, by ``rank_metric``)."""
+
+    order: str
+    method: str
+    seed: int
+    intervention: Intervention
+    unit: str
+    fractions: tuple[float, ...]
+    metrics: tuple[str | Metric, ...]
+    rank_metric: str | Metric
+    ranked_by: str
+    ranking: tuple[Unit, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        return part_key(self.order, self.method, self.seed)
+
+    def cost(self, ctx: Context) -> int:
+        plans = 1 + len(self.fractions)  # the clean run, then one plan per fraction
+        if self.order == "iterative":
+            counts = [_count(ctx.layout, self.unit, f) for f in self.fractions]
+            plans += _iterative_plans(len(ctx.layout.heads()), counts)
+        return plans * len(ctx.batch)
+
+    def run(self, ctx: Context, on_forward: OnForward | None = None) -> pd.DataFrame:
+        layout, iv = ctx.layout, self.intervention
+        ms = [get_metric(m) for m in self.metrics]
+        rank = get_metric(self.rank_metric)
+
+        def run(plans: list[Plan], which: list[Metric]) -> list[dict]:
+            return run_plans(
+                ctx.model, ctx.batch, plans, which, stats=ctx.stats, batch_size=ctx.batch_size,
+                layout=layout, on_forward=on_forward, cache=ctx.cache,
+            )  # fmt: skip
+
+        counts = [_count(layout, self.unit, f) for f in self.fractions]
+        clean = run([Plan()], ms)[0]
+        if self.order == "random":
+            units = random_units(layout, self.unit, self.seed)
+        elif self.order == "sweep":
+            units = list(self.ranking or ())
+        else:
+            units = _iterative_order(layout, iv, counts, rank, run)
+        plans = [prune_plan(layout, self.unit, units[:c], iv) for c in counts]
+        results = run(plans, ms)
+        rows = []
+        for f, c, scores in zip(self.fractions, counts, results, strict=True):
+            for m in ms:
+                value, base = scores[m.name].mean, clean[m.name].mean
+                delta = value - base
+                rows.append(
+                    [self.order, self.seed, self.method, self.unit, f, c, m.name, value, base,
+                     delta, -delta if m.higher_is_better else delta, self.ranked_by]
+                )  # fmt: skip
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def prune_parts(
-    model: nn.Module,
-    batch: Batch,
+    layout: Layout,
     *,
     methods: Sequence[str | Intervention] = ("zero", "mean", "peak", "resample"),
     orders: Sequence[str] = ("random",),
@@ -208,15 +281,10 @@ def prune_parts(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seeds: Sequence[int] = (0, 1, 2),
     metrics: Sequence[str | Metric] = ("ce", "top1"),
-    stats: StatsSource | None = None,
     importance: pd.DataFrame | None = None,
-    rank_metric: str | None = None,
-    batch_size: int = 8,
-    skip: Container[str] = (),
-    on_forward: Callable[[int], None] | None = None,
-    layout: Layout | None = None,
-) -> Iterator[PrunePart]:
-    """Yield one pruning curve at a time (see the module docstring), skipping keys in ``skip``.
+    rank_metric: str | Metric | None = None,
+) -> list[PrunePart]:
+    """The pruning curves, one part per (order, method, seed) (see the module docstring).
 
     Args:
         methods: ablation methods; every method sees the same masks.
@@ -228,72 +296,59 @@ def prune_parts(
             first method (the ``ranked_by`` column says which).
         rank_metric: metric that ranks heads (default: the first of ``metrics``).
     """
-    layout = layout if layout is not None else describe(model)
-    grid = check_fractions(fractions)
-    if unit not in UNITS:
-        raise ConfigError(f"unit must be one of {UNITS}, got {unit!r}")
-    for o in orders:
-        if o not in ORDERS:
-            raise ConfigError(f"unknown pruning order {o!r}; choose from {', '.join(ORDERS)}")
-        if o != "random" and unit != "head":
-            raise ConfigError(
-                f"order {o!r} ranks whole heads; use unit='head' (--unit head) or --order random"
-            )
+    grid = tuple(check_fractions(fractions))
+    check_orders(orders, unit)
     if "sweep" in orders and importance is None:
         raise ConfigError("order 'sweep' needs a sweep table (importance=..., or --sweep DIR)")
     if "random" in orders and not seeds:
         raise ConfigError("order 'random' needs at least one seed")
-    ms = [get_metric(m) for m in metrics]
-    rank = get_metric(rank_metric) if rank_metric is not None else ms[0]
-    ivs = [(m if isinstance(m, str) else m.label, _iv(m)) for m in methods]
-    for name, iv in ivs:
-        if iv.needs is not None and stats is None:
-            raise ConfigError(f"method {name!r} needs activation statistics; pass stats=...")
-
-    cache = CleanCache()  # one clean pass per sub-batch for every curve (and metric set)
-
-    def run(plans: list[Plan], which: list[Metric]) -> list[dict]:
-        return run_plans(
-            model, batch, plans, which, stats=stats, batch_size=batch_size,
-            layout=layout, on_forward=on_forward, cache=cache,
-        )  # fmt: skip
-
-    counts = [_count(layout, unit, f) for f in grid]
-    clean = run([Plan()], ms)[0]
+    ms = tuple(metrics)
+    for m in ms:
+        get_metric(m)
+    rank = rank_metric if rank_metric is not None else ms[0]
+    rank_name = get_metric(rank).name
+    parts: dict[str, PrunePart] = {}
     for order in orders:
-        for name, iv in ivs:
+        for method in methods:
+            iv = intervention_from_name(method) if isinstance(method, str) else method
+            name = method if isinstance(method, str) else iv.label
             for seed in seeds if order == "random" else (-1,):
-                if part_key(order, name, seed) in skip:
-                    continue
+                ranking = None
                 if order == "random":
-                    units, ranked_by = random_units(layout, unit, seed), f"random:{seed}"
+                    ranked_by = f"random:{seed}"
                 elif order == "sweep":
-                    units, ranked_by = _importance_order(layout, importance, name, rank.name)
+                    heads, ranked_by = _importance_order(layout, importance, name, rank_name)
+                    ranking = tuple(heads)
                 else:
-                    units = _iterative_order(model, batch, layout, iv, counts, rank, run)
-                    ranked_by = f"iterative:{name}/{rank.name}"
-                plans = [prune_plan(layout, unit, units[:c], iv) for c in counts]
-                results = run(plans, ms)
-                rows = []
-                for f, c, scores in zip(grid, counts, results, strict=True):
-                    for m in ms:
-                        value, base = scores[m.name].mean, clean[m.name].mean
-                        delta = value - base
-                        rows.append(
-                            [order, seed, name, unit, f, c, m.name, value, base, delta,
-                             -delta if m.higher_is_better else delta, ranked_by]
-                        )  # fmt: skip
-                yield PrunePart(order, name, seed, pd.DataFrame(rows, columns=COLUMNS))
+                    ranked_by = f"iterative:{name}/{rank_name}"
+                part = PrunePart(
+                    order, name, seed, iv, unit, grid, ms, rank, ranked_by, ranking
+                )  # fmt: skip
+                parts.setdefault(part.key, part)  # a repeated method or seed: one curve
+    return list(parts.values())
 
 
-def _iv(method: str | Intervention) -> Intervention:
-    return intervention_from_name(method) if isinstance(method, str) else method
-
-
-def prune_curves(model: nn.Module, batch: Batch, **kwargs: object) -> pd.DataFrame:
-    """Every curve of :func:`prune_parts` as one tidy table."""
-    parts = [p.table for p in prune_parts(model, batch, **kwargs)]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+def prune_curves(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    stats: StatsSource | None = None,
+    batch_size: int = 8,
+    skip: Container[str] = (),
+    on_forward: Callable[[int], None] | None = None,
+    layout: Layout | None = None,
+    **options: object,
+) -> pd.DataFrame:
+    """Every pruning curve of :func:`prune_parts` (``options``: its keyword arguments) as one
+    tidy table, skipping the part keys in ``skip``; ``stats`` for the methods that need them."""
+    layout = layout if layout is not None else describe(model)
+    parts = prune_parts(layout, **options)
+    for p in parts:
+        if p.intervention.needs is not None and stats is None:
+            raise ConfigError(f"method {p.method!r} needs activation statistics; pass stats=...")
+    ctx = Context(model, layout, batch, stats, batch_size)  # one clean pass shared by the curves
+    tables = [p.run(ctx, on_forward) for p in parts if p.key not in skip]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
@@ -356,37 +411,3 @@ def removable_fraction(
             "raise --tolerance or use finer --fractions"
         )
     return out
-
-
-def prune_figure(table: pd.DataFrame) -> Figure:
-    """Delta of each metric against the fraction pruned: one panel per metric, one colour per
-    method and one line style per order (one colour per order when there is a single method);
-    random orders show mean ± sd over seeds."""
-    s = summarize(table)
-    metrics = list(dict.fromkeys(table["metric"]))
-    methods = list(dict.fromkeys(table["method"]))
-    orders = list(dict.fromkeys(table["order"]))
-    styles = {"random": "-", "sweep": "--", "iterative": ":"}
-    by_order = len(methods) == 1
-    colours = {k: f"C{i}" for i, k in enumerate(orders if by_order else methods)}
-    fig = Figure(figsize=(4.2 * len(metrics), 3.4))
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, metric in zip(axes, metrics, strict=True):
-        for (order, method), g in s[s["metric"] == metric].groupby(["order", "method"], sort=False):
-            g = g.sort_values("fraction")
-            x, y = g["fraction"].to_numpy(), g["delta"].to_numpy()
-            colour = colours[order if by_order else method]
-            ax.plot(x, y, styles.get(order, "-."), color=colour, marker=".",
-                    label=f"{method} ({order})")  # fmt: skip
-            sd = g["delta_sd"].to_numpy()
-            if order == "random" and np.isfinite(sd).any():
-                ax.fill_between(x, y - sd, y + sd, color=colour, alpha=0.15, lw=0)
-        base = s[s["metric"] == metric]["baseline"].iloc[0]
-        unit = table["unit"].iloc[0]
-        ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_xlabel(f"fraction of {unit}s ablated")
-        ax.set_ylabel(f"Δ {metric}")
-        ax.set_title(f"Δ{metric} (clean {base:.3g})", fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig

@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-import pandas as pd
-
 from headlab.cli.common import (
     add_data_args,
     add_model_args,
     add_run_args,
     add_stats_args,
+    data_kwargs,
     parse_heads,
     positive_int,
+    status,
 )
-from headlab.cli.common import status as status_printer
-from headlab.cli.shared import (
-    load_parts,
-    off_target_targets,
-    open_run,
-    prepared_inputs,
-    run_stats,
-)
-from headlab.errors import ConfigError
 
 NAME = "cascade"
 HELP = (
@@ -67,97 +58,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.analyses.cascade import (
-        backup_heads,
-        cascade_figure,
-        cascade_steps,
-        off_target,
-        random_heads,
-        removed_heads,
-    )
+    from headlab.jobs.base import command_line
+    from headlab.jobs.cascade import run_cascade
 
-    say = status_printer(args)
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-    if not (args.share > 0 and args.ratio >= 1):
-        raise ConfigError("--share must be > 0 and --ratio >= 1")
-    prepared = prepared_inputs(args)
-    # fail fast on a target this tokenizer cannot build
-    targets = off_target_targets(args, prepared, say)
-    metric = args.metric or prepared.metrics[0]
-    heads = parse_heads(args.heads, prepared.layout)  # heads beyond the model: before any work
-    extra = {
-        "method": args.method, "metric": metric, "steps": args.steps,
-        "heads": None if heads is None else [list(h) for h in heads],
-        "stats": {"bins": args.bins, "reservoir": args.reservoir},
-    }  # fmt: skip
-    run_dir = open_run(args, "cascade", prepared, extra)
-    try:
-        stats = run_stats(
-            run_dir, prepared, bins=args.bins, reservoir=args.reservoir, seed=args.seed,
-            batch_size=args.batch_size, on_status=say,
-        )  # fmt: skip
-        done = _finished_rounds(run_dir)
-        for step in cascade_steps(
-            prepared.model, prepared.eval, method=args.method, metric=metric, steps=args.steps,
-            heads=heads, stats=stats, removed=done, batch_size=args.batch_size,
-            layout=prepared.layout,
-        ):  # fmt: skip
-            run_dir.save_part(step.key, step.table)
-            if say:
-                ly, h = step.removed_head
-                say(f"round {step.step}: removed L{ly}.H{h}")
-    except KeyboardInterrupt:
-        run_dir.set_status("interrupted")
-        raise
-    table = load_parts(run_dir, "cascade-").sort_values(["step", "layer", "head"])
-    table = table.reset_index(drop=True)
-    backups = backup_heads(table, share=args.share, ratio=args.ratio)
-    gone = removed_heads(table)
-    run_dir.save_table("results.parquet", table)
-    run_dir.save_table("backups.csv", backups)
-    run_dir.save_figure("cascade.png", cascade_figure(table, share=args.share, ratio=args.ratio))
-    if targets:
-        selected_on = args.task or args.data
-        selections = {
-            selected_on: gone,
-            "random": random_heads(
-                prepared.layout, len(gone), seed=args.seed, exclude=gone, pool=heads
-            ),
-        }
-        own_name = selected_on if selected_on not in targets else f"{selected_on} (eval blocks)"
-        cost = off_target(
-            prepared.model, selections, {own_name: (prepared.eval, metric), **targets},
-            method=args.method,
-            stats=stats, batch_size=args.batch_size, layout=prepared.layout,
-        )  # fmt: skip
-        run_dir.save_table("off_target.csv", cost)
-    run_dir.set_status(
-        "complete",
-        removed=[list(h) for h in gone],
-        backups=[[int(r.layer), int(r.head), int(r.trigger_layer), int(r.trigger_head)]
-                 for r in backups.itertuples()],
-    )  # fmt: skip
-    _print(table, backups, gone)
-    print(f"\nrun directory: {run_dir.path}")
+    result = run_cascade(
+        out=args.out,
+        **data_kwargs(args),
+        method=args.method,
+        metric=args.metric,
+        steps=args.steps,
+        heads=parse_heads(args.heads),
+        share=args.share,
+        ratio=args.ratio,
+        off_target=args.off_target,
+        bins=args.bins,
+        reservoir=args.reservoir,
+        batch_size=args.batch_size,
+        force=args.force,
+        progress=not args.quiet,
+        on_status=status(args),
+        command=command_line(),
+    )
+    _print(result.table, result.backups)
+    print(f"\nrun directory: {result.run_dir.path}")
     return 0
 
 
-def _finished_rounds(run_dir) -> list[tuple[int, int]]:
-    """The heads removed by the rounds already saved, in order. Each round builds on the ones
-    before it, so the rounds after a missing one (a damaged part dropped on resume) are redone."""
-    from headlab.analyses.cascade import removed_heads
-
-    keys = sorted(k for k in run_dir.done_parts() if k.startswith("cascade-step"))
-    n = next((i for i, k in enumerate(keys) if k != f"cascade-step{i:03d}"), len(keys))
-    for key in keys[n:]:
-        run_dir.drop_part(key, "follows a round that is recomputed")
-    if n == 0:
-        return []
-    return removed_heads(pd.concat([run_dir.read_part(k) for k in keys[:n]], ignore_index=True))
-
-
-def _print(table: pd.DataFrame, backups: pd.DataFrame, gone: list[tuple[int, int]]) -> None:
+def _print(table, backups) -> None:
+    """The heads removed, round by round, then the backup heads flagged."""
     picked = table[table["removed"]].sort_values("step")
     metric = table["metric"].iloc[0]
     print(f"removed in order ({table['method'].iloc[0]} ablation, effect on {metric}):")

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from headlab.models.load import DEFAULT_MODEL
+from headlab.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from headlab.models.layout import Layout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 NAME = "demo"
@@ -32,23 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from headlab.cli.common import csv_list, status
     from headlab.cli.sweep import print_summary
-    from headlab.jobs import run_sweep
+    from headlab.jobs.base import command_line
+    from headlab.jobs.demo import run_demo
 
     start = time.perf_counter()
-    result = run_sweep(
-        out=args.out,
-        task="induction",
-        stats_data="python-docs",
-        methods=csv_list(args.method),
-        n_blocks=args.n,
-        n_stats_blocks=16,
-        seq_len=args.seq_len,
-        batch_size=8,
-        force=args.force,
-        progress=not args.quiet,
-        on_status=status(args),
-        command=["headlab", *sys.argv[1:]],
-    )
+    result = run_demo(
+        out=args.out, methods=csv_list(args.method), n=args.n, seq_len=args.seq_len,
+        force=args.force, progress=not args.quiet, on_status=status(args), command=command_line(),
+    )  # fmt: skip
     print("\nheadlab demo: SmolLM2-135M-Instruct, induction task (loss on the repeated half)")
     print_summary(result, top=5)
     print(f"wall time: {time.perf_counter() - start:.0f} s")

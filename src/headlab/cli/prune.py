@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import pandas as pd
 
 from headlab.cli.common import (
     add_data_args,
@@ -13,19 +10,11 @@ from headlab.cli.common import (
     add_run_args,
     add_stats_args,
     csv_list,
+    data_kwargs,
     float_list,
     int_list,
+    status,
 )
-from headlab.cli.common import status as status_printer
-from headlab.cli.shared import (
-    load_parts,
-    load_sweep,
-    open_run,
-    prepared_inputs,
-    run_stats,
-    saved_sweep,
-)
-from headlab.errors import ConfigError
 
 NAME = "prune"
 HELP = (
@@ -33,9 +22,6 @@ HELP = (
     "the same nested masks, in random, sweep or re-ranked order; reports the largest fraction "
     "removable within a tolerance."
 )
-
-
-# --- the command -------------------------------------------------------------------------------
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,102 +66,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.analyses.prune import (
-        check_fractions,
-        prune_figure,
-        prune_parts,
-        removable_fraction,
-        summarize,
-    )
+    from headlab.jobs.base import command_line
+    from headlab.jobs.prune import run_prune
 
-    say = status_printer(args)
-    methods, orders = csv_list(args.method), csv_list(args.order)
-    fractions = check_fractions(args.fractions)
-    check_options(methods, orders, args.unit)
-    if not (args.tolerance >= 0):
-        raise ConfigError(f"--tolerance must be >= 0 (metric units), got {args.tolerance}")
-    if args.sweep and not (Path(args.sweep) / "manifest.json").is_file():
-        raise ConfigError(f"--sweep {args.sweep} is not a finished headlab sweep run directory")
-    prepared = prepared_inputs(args)
-    metrics = csv_list(args.metric) if args.metric else (
-        ["ce", "top1"] if args.task is None else prepared.metrics
-    )  # fmt: skip
-    rank = args.rank_metric or metrics[0]
-    importance, same_blocks = None, None
-    if args.sweep and "sweep" in orders:
-        importance, same_blocks = load_sweep(args.sweep, prepared)
-    extra = {
-        "unit": args.unit, "methods": methods, "orders": orders, "fractions": fractions,
-        "seeds": args.seeds, "metrics": metrics, "rank_metric": args.rank_metric,
-        "sweep": args.sweep, "stats": {"bins": args.bins, "reservoir": args.reservoir},
-    }  # fmt: skip
-    run_dir = open_run(args, "prune", prepared, extra)
-    try:
-        stats = run_stats(
-            run_dir, prepared, bins=args.bins, reservoir=args.reservoir, seed=args.seed,
-            batch_size=args.batch_size, on_status=say,
-        )  # fmt: skip
-        if "sweep" in orders and importance is None:
-            if say:
-                say(f"no --sweep given: sweeping every head with {methods[0]} (saved in the run "
-                    "directory); every method's sweep order uses that ranking")  # fmt: skip
-            same_blocks = True
-            importance = saved_sweep(
-                run_dir, prepared, methods=methods[:1], metrics=[rank], stats=stats,
-                batch_size=args.batch_size,
-            )  # fmt: skip
-        for part in prune_parts(
-            prepared.model, prepared.eval, methods=methods, orders=orders, unit=args.unit,
-            fractions=fractions, seeds=args.seeds, metrics=metrics, stats=stats,
-            importance=importance, rank_metric=args.rank_metric, batch_size=args.batch_size,
-            skip=run_dir.done_parts(), layout=prepared.layout,
-        ):  # fmt: skip
-            run_dir.save_part(part.key, part.table)
-            if say:
-                say(f"curve done: {part.order} / {part.method} / seed {part.seed}")
-    except KeyboardInterrupt:
-        run_dir.set_status("interrupted")
-        raise
-    table = load_parts(run_dir, "prune-")
-    table = table.sort_values(["order", "method", "seed", "metric", "fraction"], kind="stable")
-    table = table.reset_index(drop=True)
-    run_dir.save_table("results.parquet", table)
-    run_dir.save_table("summary.csv", summarize(table))
-    removable = removable_fraction(table, args.tolerance, metric=metrics[0])
-    run_dir.save_table("removable.csv", removable)
-    run_dir.save_figure("prune.png", prune_figure(table))
-    run_dir.set_status(
-        "complete",
-        removable={
-            f"{r.order}/{r.method}": None if pd.isna(r.fraction) else r.fraction
-            for r in removable.itertuples()
-        },
-        sweep_on_same_blocks=same_blocks,
+    result = run_prune(
+        out=args.out,
+        **data_kwargs(args),
+        unit=args.unit,
+        methods=csv_list(args.method),
+        orders=csv_list(args.order),
+        fractions=args.fractions,
+        seeds=args.seeds,
+        metrics=csv_list(args.metric) if args.metric else None,
+        rank_metric=args.rank_metric,
+        tolerance=args.tolerance,
+        sweep=args.sweep,
+        bins=args.bins,
+        reservoir=args.reservoir,
+        batch_size=args.batch_size,
+        force=args.force,
+        progress=not args.quiet,
+        on_status=status(args),
+        command=command_line(),
     )
-    print_removable(removable)
-    print(f"\nrun directory: {run_dir.path}")
-    removable_fraction(table, args.tolerance, metric=metrics[0], strict=True)
+    print_removable(result.removable)
+    print(f"\nrun directory: {result.run_dir.path}")
+    result.check_removable()  # exit status 2 when nothing is removable within the tolerance
     return 0
 
 
-def check_options(methods: list[str], orders: list[str], unit: str) -> None:
-    """Refuse unknown methods, unknown orders and importance orders on neurons before any work."""
-    from headlab.analyses.prune import ORDERS
-    from headlab.interventions import intervention_from_name
-
-    if not methods:
-        raise ConfigError("give at least one --method")
-    for m in methods:
-        intervention_from_name(m)
-    for o in orders:
-        if o not in ORDERS:
-            raise ConfigError(f"unknown pruning order {o!r}; choose from {', '.join(ORDERS)}")
-        if o != "random" and unit != "head":
-            raise ConfigError(f"order {o!r} ranks whole heads; use --unit head or --order random")
-
-
-def print_removable(removable: pd.DataFrame) -> None:
+def print_removable(removable) -> None:
     """One line per (order, method): the largest fraction within the tolerance."""
+    import pandas as pd
+
     r0 = removable.iloc[0]
     print(f"largest fraction pruned with harm <= {r0.tolerance:g} {r0.metric}:")
     for r in removable.itertuples():

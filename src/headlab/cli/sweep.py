@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from headlab.cli.common import (
     add_data_args,
@@ -64,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs import run_sweep
+    from headlab.jobs.base import command_line
+    from headlab.jobs.sweep import run_sweep
 
     result = run_sweep(
         out=args.out,
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
         on_status=status(args),
-        command=["headlab", *sys.argv[1:]],
+        command=command_line(),
         **data_kwargs(args),
     )
     print_summary(result, args.top)

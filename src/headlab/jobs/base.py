@@ -92,8 +92,8 @@ def open_run(
 
 
 def needs_stats(methods: Iterable[Any]) -> bool:
-    """Whether any of ``methods`` (names such as ``mean``, ``atp:peak``, ``exact:zero``, or
-    Intervention values) reads activation statistics."""
+    """Whether any of ``methods`` (names such as ``mean``, ``atp:peak``, ``exact:zero``,
+    ``ablation:mean``, or Intervention values) reads activation statistics."""
     from headlab.interventions import Intervention, intervention_from_name
 
     for m in methods:
@@ -102,7 +102,7 @@ def needs_stats(methods: Iterable[Any]) -> bool:
                 return True
             continue
         name = str(m)
-        while ":" in name and name.split(":", 1)[0] in ("atp", "exact"):
+        while ":" in name and name.split(":", 1)[0] in ("atp", "exact", "ablation"):
             name = name.split(":", 1)[1]
         if name in ("patch", "gradient", "rollout", "attention"):
             continue

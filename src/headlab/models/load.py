@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from headlab.defaults import DEFAULT_MODEL
 from headlab.errors import ConfigError, HeadlabError, ModelNotFoundError
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "model_fingerprint",
 ]
 
-DEFAULT_MODEL = "smollm2-135m"
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,

@@ -1,4 +1,4 @@
-"""Figure of a head-importance comparison: each measure's rank against the reference's."""
+"""Figures of ``headlab compare``: each measure's rank against the reference's."""
 
 from __future__ import annotations
 

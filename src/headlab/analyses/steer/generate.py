@@ -23,6 +23,7 @@ from torch import nn
 
 from headlab.data.blocks import bos_prefix
 from headlab.errors import ConfigError
+from headlab.heads import Head
 from headlab.hooks import HookReport, intervene
 from headlab.interventions import Plan, Scale
 from headlab.models.layout import Layout, max_positions
@@ -34,8 +35,6 @@ __all__ = [
     "generate_texts",
     "rescaled",
 ]
-
-Head = tuple[int, int]
 
 
 @contextmanager

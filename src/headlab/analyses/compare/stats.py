@@ -21,21 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from headlab.analyses.ranking import (
-    bootstrap_counts,
-    rank_correlation,
-    topk_overlap,
-)
+from headlab.analyses.ranking import bootstrap_counts, rank_correlation, topk_overlap
 from headlab.errors import ConfigError
 
-__all__ = [
-    "PER_EXAMPLE_COLUMNS",
-    "agreement",
-    "measure_scores",
-    "pairwise_agreement",
-    "rank_correlation",
-    "topk_overlap",
-]
+__all__ = ["PER_EXAMPLE_COLUMNS", "agreement", "measure_scores", "pairwise_agreement"]
 
 PER_EXAMPLE_COLUMNS = ["measure", "metric", "example", "layer", "head", "value", "weight"]
 #: measures whose scores are divided by their layer's l2 norm after averaging (Michel et al.)

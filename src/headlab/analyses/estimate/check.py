@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from headlab.analyses.estimate import estimate
+from headlab.analyses.estimate.atp import estimate
 from headlab.analyses.ranking import spearman
 from headlab.analyses.sweep import sweep, tidy
 from headlab.batch import Batch

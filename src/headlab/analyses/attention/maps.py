@@ -2,19 +2,21 @@
 
 ``query`` is the position that attends, ``key`` the position attended to; a pattern is
 ``A[layer, head, query, key]`` (rows sum to 1), read from ``output_attentions=True`` under eager
-attention (:func:`headlab.analyses.detect.eager_attention`), so it is Hugging Face's own number.
-Grouped-query models report one pattern per *query* head.
+attention (:func:`headlab.models.attention.attention_patterns`), so it is Hugging Face's own
+number. Grouped-query models report one pattern per *query* head.
 
 - :func:`attention_map`: every head's pattern as ``layer, head, query, key, query_token,
   key_token, weight``. On causal models the entries with ``key > query`` are all zero and left out.
 - :func:`attention_rollout`: ``R_l = A~_l R_{l-1}``, ``R_0 = I``, ``A~_l = 0.5 mean_h A_{l,h} +
   0.5 I`` (Abnar & Zuidema 2020; METHODS.md section 6) after every layer, from an
-  :func:`attention_map` table (no extra forward).
+  :func:`attention_map` table (no extra forward). The one home of the recurrence:
+  :func:`mixed_attention` is ``A~_l`` (numpy or torch), :func:`rollout_matrices` the products.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,10 +24,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.detect import attention_patterns
 from headlab.batch import Batch
 from headlab.errors import ConfigError
+from headlab.hooks import intervene_at
 from headlab.interventions import Plan, StatsSource
+from headlab.models.attention import attention_patterns
 from headlab.models.layout import max_positions
 
 __all__ = [
@@ -33,7 +36,9 @@ __all__ = [
     "attention_rollout",
     "check_context",
     "map_tensor",
+    "mixed_attention",
     "prompt_batch",
+    "rollout_matrices",
     "token_labels",
 ]
 
@@ -87,7 +92,8 @@ def _one_pattern(
     model: nn.Module, batch: Batch, plan: Plan | None, stats: StatsSource | None
 ) -> torch.Tensor:
     """``[layer, head, q, k]`` of a one-example batch."""
-    [(_, attn)] = list(attention_patterns(model, batch, plan=plan, stats=stats, batch_size=1))
+    around = partial(intervene_at, model, plan, stats=stats)
+    [(_, attn)] = list(attention_patterns(model, batch, batch_size=1, around=around))
     return attn[:, 0]  # [layer, batch=1, head, q, k] -> [layer, head, q, k]
 
 
@@ -167,12 +173,30 @@ def attention_rollout(table: pd.DataFrame) -> pd.DataFrame:
             "rollout averages every head of every layer; give the full attention_map table "
             "(not a subset of layers or heads)"
         )
-    seq = attn.shape[-1]
-    eye = np.eye(seq)
-    rolled, r = [], eye
-    for a in attn:
-        r = (0.5 * a.mean(0) + 0.5 * eye) @ r  # [q, k]
-        rolled.append(r)
-    out = np.stack(rolled)[:, None]  # [layer, 1, q, k]
+    out = rollout_matrices(attn)[:, None]  # [layer, 1, q, k]
     flat = _map_table(out, labels).drop(columns="head")
     return flat[ROLLOUT_COLUMNS]
+
+
+def mixed_attention(attn: Any) -> Any:
+    """``A~ = 0.5 mean_h A_h + 0.5 I``: one layer's head-averaged attention mixed with the
+    identity (the residual stream), the step of Abnar-Zuidema rollout. ``attn`` is ``[..., head,
+    q, k]``, a float64 numpy array or torch tensor; the result ``[..., q, k]`` is of the same
+    kind."""
+    seq = attn.shape[-1]
+    if isinstance(attn, torch.Tensor):
+        eye = torch.eye(seq, dtype=attn.dtype, device=attn.device)
+    else:
+        eye = np.eye(seq)
+    return 0.5 * attn.mean(-3) + 0.5 * eye
+
+
+def rollout_matrices(attn: np.ndarray) -> np.ndarray:
+    """``[layer, q, k]`` rollout after every layer, ``R_l = A~_l R_{l-1}`` with ``R_{-1} = I``
+    (:func:`mixed_attention`), from ``[layer, head, q, k]`` float64 patterns."""
+    r = np.eye(attn.shape[-1])
+    rolled = []
+    for a in attn:  # [head, q, k]
+        r = mixed_attention(a) @ r  # [q, k]
+        rolled.append(r)
+    return np.stack(rolled)

@@ -10,7 +10,8 @@
   ``xi_h`` a multiplier on head ``h``, ``dL/dxi_h = sum_t z . dL/dz``; normalised by the layer's
   l2 norm. It comes from the same backward as attribution patching.
 - **Head-level attention rollout** (``rollout``, METHODS.md section 6): the rollout mass routed
-  from a target position to a set of source positions through each head.
+  from a target position to a set of source positions through each head
+  (:mod:`headlab.analyses.estimate.rollout`).
 
 Rows: ``value``/``baseline``/``delta`` are the estimated metric, the clean metric and the
 estimated change for ``atp:*``; for ``gradient``, ``value`` is the layer-normalised importance,
@@ -30,8 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.ranking import spearman
-from headlab.analyses.rollout import rollout_per_example, rollout_scores
+from headlab.analyses.estimate.rollout import rollout_per_example
 from headlab.analyses.sweep import COLUMNS, tidy
 from headlab.batch import Batch
 from headlab.errors import ConfigError
@@ -47,15 +47,7 @@ from headlab.interventions import (
 from headlab.metrics import Metric, Scores, get_metric
 from headlab.models.layout import Layout, call_model, describe
 
-__all__ = [
-    "ESTIMATE_METHODS",
-    "EstimateTerms",
-    "estimate",
-    "estimate_terms",
-    "rollout_per_example",
-    "rollout_scores",
-    "spearman",
-]
+__all__ = ["ESTIMATE_METHODS", "EstimateTerms", "check_methods", "estimate", "estimate_terms"]
 
 #: accepted method names (``atp:peak:kde[:BW]``, ``atp:resample:SEED`` and ``atp:scale:A`` too)
 ESTIMATE_METHODS = (
@@ -70,8 +62,8 @@ ESTIMATE_METHODS = (
 )
 
 
-def _parse(method: str, stats: StatsSource | None, patch: Patch | None) -> Intervention | None:
-    """The replacement of an ``atp:*`` method (``None`` for gradient / rollout)."""
+def _replacement_name(method: str) -> str | None:
+    """``zero`` for ``atp:zero`` (``None`` for gradient / rollout); unknown names refused."""
     if method in ("gradient", "rollout"):
         return None
     head, _, rest = method.partition(":")
@@ -80,6 +72,27 @@ def _parse(method: str, stats: StatsSource | None, patch: Patch | None) -> Inter
             f"unknown estimate {method!r}; use {', '.join(ESTIMATE_METHODS)}, atp:scale:A, "
             "atp:peak:kde or atp:resample:SEED"
         )
+    return rest
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` (repeats dropped) if every one is an estimate method name, else a
+    ConfigError naming the bad one; no model needed."""
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise ConfigError(f"no estimate methods given; choose from {', '.join(ESTIMATE_METHODS)}")
+    for m in methods:
+        rest = _replacement_name(m)
+        if rest is not None and rest != "patch":
+            intervention_from_name(rest)
+    return methods
+
+
+def _parse(method: str, stats: StatsSource | None, patch: Patch | None) -> Intervention | None:
+    """The replacement of an ``atp:*`` method (``None`` for gradient / rollout)."""
+    rest = _replacement_name(method)
+    if rest is None:
+        return None
     if rest == "patch":
         if patch is None:
             raise ConfigError(
@@ -343,9 +356,7 @@ def estimate(
         A tidy table with the sweep's columns, one row per (layer, head, method, metric).
     """
     layout = layout if layout is not None else describe(model)
-    methods = list(dict.fromkeys(methods))
-    if not methods:
-        raise ConfigError(f"no estimate methods given; choose from {', '.join(ESTIMATE_METHODS)}")
+    methods = check_methods(methods)
     patch = _patch_for(model, batch, methods, counterfactual)
     parsed = {m: _parse(m, stats, patch) for m in methods}
     grad_methods = {m: iv for m, iv in parsed.items() if m != "rollout"}

@@ -45,6 +45,7 @@ from headlab.analyses.sweep import sweep
 from headlab.batch import Batch
 from headlab.data.blocks import bos_prefix
 from headlab.errors import ConfigError, HeadlabError
+from headlab.heads import Head
 from headlab.hooks import blocks_of, record
 from headlab.metrics import Metric, Scores
 from headlab.models.layout import Layout, describe
@@ -62,7 +63,6 @@ __all__ = [
     "sweep_scores",
 ]
 
-Head = tuple[int, int]
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 
 
