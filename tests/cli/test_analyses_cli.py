@@ -139,6 +139,34 @@ def test_prune_cli_tolerance_that_nothing_meets(tiny_folder, tmp_path, capsys):
     assert (out / "results.parquet").is_file()  # the curves are kept
 
 
+#: the options of docs() as keyword arguments of a Python twin
+DOCS_KW = dict(data="python-docs", seq_len=16, n_blocks=3, n_stats_blocks=4, batch_size=2)
+
+
+def same_run(a, b, tables):
+    """The run directories ``a`` (Python twin) and ``b`` (CLI) hold the same run: same kind and
+    identity (each resumes the other) and equal ``tables``."""
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    assert ma["status"] == mb["status"] == "complete"
+    assert (ma["kind"], ma["identity"]) == (mb["kind"], mb["identity"])
+    for name in tables:
+        read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+        pd.testing.assert_frame_equal(read(a / name), read(b / name), check_exact=True)
+
+
+def test_prune_python_twin_writes_the_same_run_as_the_cli(tiny_folder, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    result = hl.run_prune(
+        out=a, model=tiny_folder, **DOCS_KW, methods=["zero", "peak"], fractions=[0, 0.5, 1],
+        seeds=[0], bins=50,
+    )  # fmt: skip
+    assert main(prune_args(tiny_folder, b, "--seeds", "0")) == 0
+    same_run(a, b, ["results.parquet", "summary.csv", "removable.csv"])
+    pd.testing.assert_frame_equal(result.table, pd.read_parquet(b / "results.parquet"))
+    assert set(result.table.order) == {"random", "sweep"} and (a / "prune.png").is_file()
+    assert set(result.figures) == {"prune.png"} and result.same_blocks is True
+
+
 def test_detect_cli_matches_the_analysis(tmp_path, capsys):
     out = tmp_path / "detect"
     argv = ["detect", "--model", GT, "--n-blocks", "4", "--out", str(out), "--quiet"]
@@ -157,6 +185,20 @@ def test_detect_cli_matches_the_analysis(tmp_path, capsys):
     bad = ["detect", "--model", GT, "--detector", "copying", "--out", str(tmp_path / "x")]
     assert main(bad) == 2
     assert "unknown detector 'copying'" in capsys.readouterr().err
+
+
+def test_detect_python_twin_writes_the_same_run_directory(tmp_path):
+    cli, twin = tmp_path / "cli", tmp_path / "twin"
+    assert main(["detect", "--model", GT, "--n-blocks", "3", "--measure", "abs", "--exclude-bos",
+                 "--top", "3", "--out", str(cli), "--quiet"]) == 0  # fmt: skip
+    result = hl.run_detect(out=twin, model=GT, n_blocks=3, measure="abs", exclude_bos=True, top=3)
+    table = pd.read_parquet(cli / "results.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(twin / "results.parquet"), table)
+    pd.testing.assert_frame_equal(result.table, table)
+    mine, theirs = (json.loads((d / "manifest.json").read_text()) for d in (twin, cli))
+    assert mine["identity"] == theirs["identity"] and mine["top_heads"] == theirs["top_heads"]
+    assert result.top_heads == theirs["top_heads"] and len(result.top_heads["induction"]) == 3
+    assert (twin / "detect.png").is_file() and set(result.figures) == {"detect.png"}
 
 
 def test_cascade_cli_flags_the_backup_induction_head(tmp_path, capsys):
@@ -223,3 +265,38 @@ def test_cascade_off_target_keeps_its_own_blocks_apart_from_the_same_corpus(tiny
     clean = pd.read_parquet(out / "results.parquet")["clean"].iloc[0]
     assert mine.loc["python-docs (eval blocks)", "baseline"] == pytest.approx(clean, rel=1e-6)
     assert mine.loc["python-docs", "baseline"] != pytest.approx(clean, rel=1e-6)
+
+
+def test_cascade_python_twin_writes_the_same_run_as_the_cli(tiny_folder, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    heads = [(0, 0), (0, 1), (1, 0), (1, 2)]
+    result = hl.run_cascade(
+        out=a, model=tiny_folder, **DOCS_KW, method="mean", steps=2, heads=heads,
+        off_target="python-docs", bins=50,
+    )  # fmt: skip
+    argv = ["cascade", *docs(tiny_folder), "--method", "mean", "--steps", "2", "--heads",
+            "0.0,0.1,1.0,1.2", "--off-target", "python-docs", "--bins", "50",
+            "--out", str(b)]  # fmt: skip
+    assert main(argv) == 0
+    same_run(a, b, ["results.parquet", "backups.csv", "off_target.csv"])
+    pd.testing.assert_frame_equal(result.table, pd.read_parquet(b / "results.parquet"))
+    removed = json.loads((b / "manifest.json").read_text())["removed"]
+    assert result.removed == [tuple(h) for h in removed] and len(removed) == 2
+    assert set(result.off_target.target) == {"python-docs (eval blocks)", "python-docs"}
+    assert (a / "stats.safetensors").is_file() and (a / "cascade.png").is_file()
+
+
+def test_shift_python_twin_writes_the_same_run_as_the_cli(tiny_folder, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    result = hl.run_shift(
+        out=a, model=tiny_folder, **DOCS_KW, methods=["zero", "peak"], top_k=2, each=True,
+        bins=50,
+    )  # fmt: skip
+    argv = ["shift", *docs(tiny_folder), "--method", "zero,peak", "--top-k", "2", "--each",
+            "--bins", "50", "--out", str(b)]  # fmt: skip
+    assert main(argv) == 0
+    same_run(a, b, ["results.parquet"])
+    pd.testing.assert_frame_equal(result.table, pd.read_parquet(b / "results.parquet"))
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert [list(h) for h in result.heads] == manifest["heads"] and len(result.heads) == 2
+    assert set(result.table.target) == {"top2", *(f"L{ly}.H{h}" for ly, h in result.heads)}

@@ -11,8 +11,7 @@ import torch
 from fixtures import ground_truth as gt
 
 import headlab as hl
-from headlab.analyses.attention import attention_mass
-from headlab.analyses.attention_faith import causal_effects, compare_rankings
+from headlab.analyses.attention import attention_mass, causal_effects, compare_rankings
 from headlab.cli.app import main
 from headlab.runs import RunDir
 
@@ -68,6 +67,26 @@ def test_cli_numbers_equal_the_python_api(done):
     delta = hl.evaluate(model, batch, ["ce"], plan=plan)["ce"].mean
     delta -= hl.evaluate(model, batch, ["ce"])["ce"].mean
     assert got.set_index(["layer", "head"]).loc[(1, 3), "effect"] == pytest.approx(delta, rel=1e-5)
+
+
+def test_python_twin_writes_the_same_run_directory(done, tmp_path):
+    out = tmp_path / "twin"
+    result = hl.run_attention(
+        out=out, model=GT, task="induction", n_blocks=6, n_stats_blocks=6, n_boot=100, top_k=3,
+        prompt=PROMPT, heads=[(1, 1), (0, 2)],
+    )  # fmt: skip
+    for name in ("results.parquet", "patterns.parquet", "rollout.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(done / name))
+    summary = pd.read_csv(out / "summary.csv")
+    pd.testing.assert_frame_equal(summary, pd.read_csv(done / "summary.csv"))
+    pd.testing.assert_frame_equal(result.table, pd.read_parquet(done / "results.parquet"))
+    mine, theirs = (json.loads((d / "manifest.json").read_text()) for d in (out, done))
+    assert mine["identity"] == theirs["identity"] and mine["summary"] == theirs["summary"]
+    assert sorted(result.figures) == sorted(
+        ["attention_grid.png", "rollout.png", "head_L1_H1.png", "head_L0_H2.png",
+         "faithfulness.png"]
+    )  # fmt: skip
+    assert result.run_dir.path == out and result.prompt.seq_len == 8
 
 
 def test_cli_resumes_after_an_interrupt(done, tmp_path, monkeypatch):

@@ -164,3 +164,24 @@ def test_compare_cli_off_target_table_equals_direct_ablation(tiny_folder, compar
     row = cost[(cost.selected_by == "atp:zero") & (cost.target == "python-docs (eval blocks)")]
     assert row["value"].iloc[0] == pytest.approx(want, rel=1e-6)
     assert (cost["n_heads"] == 3).all() and np.isfinite(cost["effect"]).all()
+
+
+def test_run_compare_writes_what_the_cli_writes(tiny_folder, compared, tmp_path):
+    out = tmp_path / "twin"
+    result = hl.run_compare(
+        out=out, model=tiny_folder, data="python-docs", seq_len=16, n_blocks=3,
+        n_stats_blocks=4, batch_size=2, bins=50, top_k=3, bootstrap=200,
+    )  # fmt: skip
+    assert result.run_dir.path == out and result.reference == "ablation:zero"
+    assert set(result.figures) == {"compare.png"} and result.off_target is None
+    for name in ("per_example.parquet", "scores.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(compared / name))
+    for name in ("agreement.csv", "pairs.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(compared / name))
+    pd.testing.assert_frame_equal(result.scores, pd.read_parquet(compared / "scores.parquet"))
+    assert sorted(p.name for p in (out / "parts").iterdir()) == sorted(
+        p.name for p in (compared / "parts").iterdir()
+    )
+    mine, theirs = (json.loads((d / "manifest.json").read_text()) for d in (out, compared))
+    assert mine["kind"] == theirs["kind"] == "compare"
+    assert mine["identity"] == theirs["identity"]

@@ -9,10 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from headlab.analyses.gates_chg import FITS
+import headlab as hl
+from headlab.analyses.gates.chg import FITS
 from headlab.cli.app import main
+from headlab.errors import ConfigError
 
 DATA = ["--task", "induction", "--seq-len", "17", "--n-blocks", "3", "--quiet"]
+#: the Python twin's options equal to DATA
+DATA_KW = dict(task="induction", seq_len=17, n_blocks=3)
 
 
 def gate_args(folder, out, *extra):
@@ -161,3 +165,73 @@ def test_l0_sweep_and_resume(tiny_folder, tmp_path, capsys):
 def test_l0_bad_lambdas(tiny_folder, tmp_path, capsys, lams, match):
     assert main(l0_args(tiny_folder, tmp_path / "bad", "--lam", lams)) == 2
     assert match in capsys.readouterr().err
+
+
+# --- the Python twins write the CLI's run directory ----------------------------------------------
+
+
+def _same_tables(a, b, names):
+    for name in names:
+        read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+        pd.testing.assert_frame_equal(read(a / name), read(b / name), check_exact=True)
+
+
+def test_run_gate_twin_writes_the_cli_run_directory(tiny_folder, tmp_path):
+    """``hl.run_gate`` and ``headlab gate`` with the same options write the same tables, thetas
+    and manifest identity (bit for bit: both run here, on the same threads)."""
+    cli, py = tmp_path / "cli", tmp_path / "py"
+    assert main(gate_args(tiny_folder, cli, "--validate", "--k", "2", "--random", "2")) == 0
+    result = hl.run_gate(
+        out=py, model=tiny_folder, **DATA_KW, steps=3, masks=2, validate=True, k=2, n_random=2
+    )
+    names = ["heads.parquet", "heads.csv", "summary.csv", "curves.parquet", "validation.csv"]
+    _same_tables(py, cli, names)
+    for fit in FITS:
+        name = f"theta-{fit}.safetensors"
+        assert (py / name).read_bytes() == (cli / name).read_bytes()
+    pd.testing.assert_frame_equal(result.table, pd.read_parquet(cli / "heads.parquet"))
+    assert result.mode == "chg" and result.run_dir.path == py
+    assert set(result.figures) == {
+        "gate_plus.png",
+        "gate_minus.png",
+        "labels.png",
+        "loss_curves.png",
+    }
+    mine, theirs = (json.loads((d / "manifest.json").read_text()) for d in (py, cli))
+    assert (mine["kind"], mine["identity"]) == (theirs["kind"], theirs["identity"])
+
+
+def test_run_gate_contrastive_twin_writes_the_cli_run_directory(tiny_folder, tmp_path):
+    extra = ["--forget-data", "python-docs", "--validate", "--k", "2", "--random", "1"]
+    assert main(gate_args(tiny_folder, tmp_path / "cli", *extra)) == 0
+    result = hl.run_gate(
+        out=tmp_path / "py", model=tiny_folder, **DATA_KW, steps=3, masks=2,
+        forget_data="python-docs", validate=True, k=2, n_random=1,
+    )  # fmt: skip
+    names = ["heads.parquet", "summary.csv", "parts/curve-contrast.parquet", "validation.csv"]
+    _same_tables(tmp_path / "py", tmp_path / "cli", names)
+    assert result.mode == "contrast"
+    pd.testing.assert_frame_equal(result.summary, pd.read_csv(tmp_path / "cli" / "summary.csv"))
+
+
+def test_run_l0_twin_writes_the_cli_run_directory(tiny_folder, tmp_path):
+    assert main(l0_args(tiny_folder, tmp_path / "cli")) == 0
+    result = hl.run_l0(out=tmp_path / "py", model=tiny_folder, **DATA_KW, steps=3, lams=[0, 1])
+    names = ["tradeoff.parquet", "tradeoff.csv", "heads.parquet", "curves.parquet"]
+    _same_tables(tmp_path / "py", tmp_path / "cli", names)
+    pd.testing.assert_frame_equal(
+        result.table, pd.read_parquet(tmp_path / "cli" / "tradeoff.parquet")
+    )
+    assert set(result.figures) == {"tradeoff.png", "loss_curves.png"}
+
+
+@pytest.mark.parametrize("job", ["run_gate", "run_l0"])
+def test_python_twins_check_the_batch_size_before_loading_anything(tmp_path, job):
+    with pytest.raises(ConfigError, match="--batch-size must be a positive integer, got 0"):
+        getattr(hl, job)(out=tmp_path / "o", model="no-such-model", batch_size=0)
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_gate_refuses_two_forget_sets(tmp_path):
+    with pytest.raises(ConfigError, match="either --forget-task or --forget-data"):
+        hl.run_gate(out=tmp_path / "o", forget_task="names", forget_data="austen")

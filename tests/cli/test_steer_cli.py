@@ -4,15 +4,16 @@ resumption, and bad input."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pandas as pd
 import pytest
 from oracles import edited
 
 import headlab as hl
-from headlab.analyses.concepts import concept_rate, concept_tokens
 from headlab.analyses.steer import GenerateConfig, generate_texts, random_sets
-from headlab.analyses.steer_select import ConceptMass, concept_batch
+from headlab.analyses.steer.concepts import concept_rate, concept_tokens
+from headlab.analyses.steer.select import ConceptMass, concept_batch
 from headlab.cli.app import main
 from headlab.data.blocks import make_blocks
 from headlab.data.corpora import load_texts
@@ -166,8 +167,8 @@ def test_multi_token_words_warn_naming_them(tiny_folder, prompts, tmp_path):
 
 
 def test_steer_api_equals_the_cli_table(tiny_folder, steered):
-    from headlab.analyses.concepts import get_concept
     from headlab.analyses.steer import SteerConfig, steer
+    from headlab.analyses.steer.concepts import get_concept
     from headlab.data.tasks import load_task
 
     model, tok = load_model(tiny_folder)
@@ -184,3 +185,28 @@ def test_steer_api_equals_the_cli_table(tiny_folder, steered):
     pd.testing.assert_frame_equal(res.table, pd.read_parquet(steered / "results.parquet"))
     assert res.random == {s: v for s, v in random_sets(hl.describe(model), 2, 2,
                                                         exclude=selected).items()}  # fmt: skip
+
+
+def test_python_twin_writes_the_cli_run_directory(tiny_folder, steered, tmp_path):
+    out = tmp_path / "twin"
+    res = hl.run_steer(
+        out=out, model=tiny_folder, concept=WORDS, prompts=PROMPTS, alphas=(0.0, 2.0),
+        n_random=2, max_new_tokens=6, k=2, seq_len=16, n_blocks=2, off_task="induction",
+        n_task=2, batch_size=2,
+    )  # fmt: skip
+    assert res.run_dir.path == out
+    readers = {
+        "results.parquet": pd.read_parquet,
+        "heads.csv": pd.read_csv,
+        "summary.csv": pd.read_csv,
+        "generations.jsonl": partial(pd.read_json, lines=True),
+    }
+    for name, read in readers.items():
+        pd.testing.assert_frame_equal(read(out / name), read(steered / name))
+    pd.testing.assert_frame_equal(res.table, pd.read_parquet(steered / "results.parquet"))
+    mine, theirs = (json.loads((d / "manifest.json").read_text()) for d in (out, steered))
+    for key in ("kind", "identity", "status", "heads", "random"):
+        assert mine[key] == theirs[key], key
+    assert sorted((out / "parts").iterdir()) == sorted(
+        out / "parts" / p.name for p in (steered / "parts").iterdir()
+    )

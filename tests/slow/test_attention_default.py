@@ -11,8 +11,9 @@ from headlab.analyses.attention import (
     attention_mass,
     attention_mass_scores,
     attention_rollout,
+    causal_effects,
+    compare_rankings,
 )
-from headlab.analyses.attention_faith import causal_effects, compare_rankings
 from headlab.models.load import load_model
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from oracles import edited
 
-from headlab.analyses.concepts import CONCEPTS, concept_tokens
-from headlab.analyses.steer_generate import GenerateConfig, encode_prompts, generate_ids
-from headlab.analyses.steer_select import concept_batch, control_token_sets, pursuit_scores
+from headlab.analyses.steer.concepts import CONCEPTS, concept_tokens
+from headlab.analyses.steer.generate import GenerateConfig, encode_prompts, generate_ids
+from headlab.analyses.steer.select import concept_batch, control_token_sets, pursuit_scores
 from headlab.models.load import load_model
 
 pytestmark = pytest.mark.slow

@@ -4,6 +4,8 @@ closed-form Spearman, and the ground-truth induction model's known circuit."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,20 +16,22 @@ from matplotlib.figure import Figure
 
 import headlab as hl
 from headlab.analyses.attention import (
+    MassPart,
     attention_map,
     attention_mass,
     attention_mass_scores,
     attention_rollout,
-    key_mask,
-    prompt_batch,
-    query_mask,
-)
-from headlab.analyses.attention_faith import (
     causal_effects,
     compare_rankings,
+    effect_parts,
+    key_mask,
     plausibility_faithfulness,
+    prompt_batch,
+    query_mask,
+    require_keys,
 )
-from headlab.analyses.attention_plots import (
+from headlab.parts import Context
+from headlab.plots.attention import (
     attention_grid_figure,
     attention_head_figure,
     faithfulness_figure,
@@ -144,6 +148,12 @@ def test_mass_equals_a_manual_sum_of_hugging_face_weights():
                 for h in range(4):
                     want = float(att[ly][b, h, 9, where[b]].sum())
                     assert got.loc[(b, ly, h), "value"] == pytest.approx(want, abs=1e-6)
+    part = MassPart("wrong")
+    assert pickle.loads(pickle.dumps(part)) == part and part.key == "mass"
+    ctx = Context(model, hl.describe(model), batch)
+    pd.testing.assert_frame_equal(part.run(ctx), attention_mass(model, batch, keys="wrong"))
+    with pytest.raises(hl.ConfigError, match="no example has a key to measure"):
+        require_keys(attention_mass(model, batch, queries=torch.zeros(2, 10, dtype=torch.bool)))
     scores = attention_mass_scores(model, batch)
     assert list(scores.columns[:3]) == ["layer", "head", "value"] and set(scores["keys"]) == {
         "answer"
@@ -213,6 +223,13 @@ def test_causal_column_equals_direct_intervene_runs():
     assert set(table["method"]) == {"patch"}
     with pytest.raises(hl.ConfigError, match="counterfactual"):
         causal_effects(model, batch, method="patch")
+    # the per-layer parts: picklable values whose tables, concatenated, are the same effects
+    parts = effect_parts(hl.describe(model), batch, method="zero")
+    assert [p.key for p in parts] == ["effect-L000", "effect-L001"]
+    assert pickle.loads(pickle.dumps(parts)) == parts and parts[0].metric == "logit_diff"
+    ctx = Context(model, hl.describe(model), batch, batch_size=1)
+    got = pd.concat([p.run(ctx) for p in parts], ignore_index=True)
+    pd.testing.assert_frame_equal(got, causal_effects(model, batch, method="zero", batch_size=1))
     with pytest.raises(hl.ConfigError, match="statistics"):
         causal_effects(model, batch, method="mean")
 
@@ -281,7 +298,7 @@ def test_ground_truth_induction_heads_look_and_matter_but_the_prev_token_head_on
 
 
 def test_the_bias_corrected_interval_undoes_a_known_bootstrap_shift():
-    from headlab.analyses.attention_rank import bc_interval
+    from headlab.analyses.ranking import bc_interval
 
     rng = np.random.default_rng(0)
     point, sd, z = 0.3, 0.05, 1.959963984540054

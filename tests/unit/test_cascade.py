@@ -12,12 +12,12 @@ import headlab as hl
 from headlab.analyses.cascade import (
     backup_heads,
     cascade,
-    cascade_figure,
     cascade_steps,
     off_target,
-    random_heads,
     removed_heads,
 )
+from headlab.heads import random_heads
+from headlab.plots.cascade import cascade_figure
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_rounds_equal_direct_computations(setup):
     want = ce(model, batch, [*gone[:2], (int(some["layer"]), int(some["head"]))]) - base
     assert some["effect"] == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert r2.loc[r2["removed"], "effect"].iloc[0] == r2["effect"].max()
-    assert isinstance(cascade_figure(table), Figure)
+    assert isinstance(cascade_figure(table, backup_heads(table), gone), Figure)
 
 
 def test_resuming_gives_the_same_rounds(setup):

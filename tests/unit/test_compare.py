@@ -14,16 +14,17 @@ import torch
 from fixtures import ground_truth as gt
 
 import headlab as hl
-from headlab.analyses.compare import compare, measures, summarise
-from headlab.analyses.compare_plots import compare_figure
-from headlab.analyses.compare_stats import (
+from headlab.analyses.compare import (
     PER_EXAMPLE_COLUMNS,
     agreement,
+    compare,
     measure_scores,
-    rank_correlation,
-    topk_overlap,
+    measures,
+    summarise,
 )
-from headlab.analyses.estimate import estimate, spearman
+from headlab.analyses.estimate import estimate
+from headlab.analyses.ranking import rank_correlation, spearman, topk_overlap
+from headlab.plots.compare import compare_figure
 
 
 def table(measure, values, weights, metric="ce"):

@@ -3,6 +3,9 @@ attention switching, and the table on tiny models."""
 
 from __future__ import annotations
 
+import pickle
+
+import pandas as pd
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -10,16 +13,17 @@ from tiny_models import build
 
 import headlab as hl
 from headlab.analyses.detect import (
-    attention_patterns,
-    detect_figure,
+    DetectPart,
     detect_heads,
     detection_pattern,
     diagonal_score,
-    eager_attention,
     pattern_score,
     repeat_period,
     top_heads,
 )
+from headlab.models.attention import attention_patterns, eager_attention
+from headlab.parts import Context
+from headlab.plots.detect import detect_figure
 
 
 def perfect_induction(t: int, *, park_on_bos: bool) -> torch.Tensor:
@@ -129,6 +133,14 @@ def test_detect_table_matches_manual_scores_and_chunking():
     got = table[table.metric == "induction_diag"].sort_values(["layer", "head"])["value"]
     assert got.to_numpy() == pytest.approx(diag, rel=1e-5)
     assert len(top_heads(table, "induction", 3)) == 3
+    with pytest.raises(hl.ConfigError, match="no rows for metric 'copying'"):
+        top_heads(table, "copying")
+    part = DetectPart(("induction",), "abs")
+    assert pickle.loads(pickle.dumps(part)) == part and part.key == "detect"
+    ctx = Context(model, hl.describe(model), batch, batch_size=2)
+    pd.testing.assert_frame_equal(
+        part.run(ctx), detect_heads(model, batch, detectors=["induction"], measure="abs")
+    )
     assert isinstance(detect_figure(table), Figure)
 
 

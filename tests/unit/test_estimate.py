@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import headlab as hl
-from headlab.analyses.estimate import estimate, rollout_scores, spearman
-from headlab.analyses.estimate_check import estimate_then_exact
+from headlab.analyses.estimate import estimate, estimate_then_exact, rollout_scores
+from headlab.analyses.ranking import spearman
 from headlab.analyses.sweep import COLUMNS
 
 
@@ -356,6 +356,36 @@ def test_cli_writes_estimates_and_the_exact_check(tmp_path, capsys):
     ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["kind"] == "estimate"
+
+
+def test_run_estimate_writes_what_the_cli_writes(tmp_path):
+    from tiny_folder import make_model_folder
+
+    from headlab.cli.app import main
+
+    folder = make_model_folder(tmp_path / "model")
+    options = {"seq_len": 16, "n_blocks": 3, "n_stats_blocks": 4, "exact_top": 2, "n_random": 1}
+    argv = ["estimate", "--model", str(folder), "--method", "atp:zero,atp:mean,rollout"]
+    argv += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    assert main([*argv, "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    out = tmp_path / "twin"
+    result = hl.run_estimate(
+        out=out, model=str(folder), methods=["atp:zero", "atp:mean", "rollout"], **options
+    )
+    assert result.run_dir.path == out
+    for name in ("estimates.parquet", "exact.parquet"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(out / name), pd.read_parquet(tmp_path / "cli" / name)
+        )
+    for name in ("correlation.csv", "ranking.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(tmp_path / "cli" / name))
+    saved = pd.read_parquet(out / "estimates.parquet")
+    pd.testing.assert_frame_equal(result.table, saved, check_dtype=False)
+    assert sorted(result.figures) == sorted(p.name for p in out.glob("heatmap_*.png"))
+    assert len(result.figures) == 3
+    mine, theirs = (json.loads((d / "manifest.json").read_text()) for d in (out, tmp_path / "cli"))
+    assert mine["kind"] == theirs["kind"] == "estimate"
+    assert mine["identity"] == theirs["identity"]
 
 
 def test_cli_refuses_a_metric_without_gradient(tmp_path, capsys):

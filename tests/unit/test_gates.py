@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,21 @@ import torch
 import transformers as tf
 
 import headlab as hl
-from headlab.analyses.gates import (
+from headlab.analyses.gates.chg import (
+    CHGConfig,
+    CHGFitPart,
+    chg,
+    chg_penalty,
+    gate_nll,
+    head_taxonomy,
+)
+from headlab.analyses.gates.contrast import (
+    ContrastConfig,
+    ContrastPart,
+    contrastive_chg,
+    contrastive_pass,
+)
+from headlab.analyses.gates.core import (
     MaskGate,
     accumulate_gradient,
     frozen,
@@ -21,17 +36,17 @@ from headlab.analyses.gates import (
     nll_pass,
     optimise,
 )
-from headlab.analyses.gates_chg import CHGConfig, chg, chg_penalty, gate_nll, head_taxonomy
-from headlab.analyses.gates_contrast import contrastive_chg, contrastive_pass
-from headlab.analyses.gates_l0 import (
+from headlab.analyses.gates.l0 import (
     L0Config,
+    L0FitPart,
     check_l0_lambdas,
     hard_concrete,
     hard_concrete_test,
     l0_penalty,
     l0_sweep,
 )
-from headlab.analyses.gates_validate import label_groups, validate_labels
+from headlab.analyses.gates.validate import label_groups, validate_labels
+from headlab.parts import Context
 
 
 def _batch(name: str = "llama_gqa", n: int = 3) -> hl.Batch:
@@ -232,6 +247,37 @@ def test_l0_rejects_nonsense_lambdas():
     ):
         with pytest.raises(hl.ConfigError, match=match):
             check_l0_lambdas(lams)
+
+
+def test_fits_are_picklable_parts_that_reproduce_the_analyses():
+    """Each fit is a part: picklable (so it can run in another process) and, run from a Context,
+    it gives the same numbers as chg / contrastive_chg / l0_sweep."""
+    model = tiny_models.build("llama_gqa")
+    layout, batch = hl.describe(model), _batch()
+    other = hl.Batch(input_ids=batch.input_ids.flip(0), target_mask=batch.target_mask)
+    ctx = Context(model, layout, batch, batches={"forget": other})
+    config = CHGConfig(steps=2, n_masks=2)
+    res = chg(model, batch, config, layout=layout)
+    zero = CHGFitPart("zero", config)
+    theta, curve = pickle.loads(pickle.dumps(zero)).run(ctx)
+    torch.testing.assert_close(theta, res.thetas["zero"], rtol=0, atol=0)
+    plus = pickle.loads(pickle.dumps(CHGFitPart("plus", config, theta)))
+    assert plus.key == "curve-plus" and plus.cost(ctx) == 2
+    torch.testing.assert_close(plus.run(ctx)[0], res.thetas["plus"], rtol=0, atol=0)
+    pd.testing.assert_frame_equal(curve, res.curves[res.curves["fit"] == "zero"])
+    with pytest.raises(ValueError, match="start from the zero fit"):
+        CHGFitPart("minus", config)
+    cconfig = ContrastConfig(steps=2, n_masks=1)
+    got = pickle.loads(pickle.dumps(ContrastPart(cconfig))).run(ctx)
+    want = contrastive_chg(model, batch, other, cconfig, layout=layout)
+    torch.testing.assert_close(got.theta, want.theta, rtol=0, atol=0)
+    lconfig = L0Config(steps=2)
+    part = pickle.loads(pickle.dumps(L0FitPart(0.5, lconfig)))
+    log_alpha, curve = part.run(ctx)
+    sweep = l0_sweep(model, batch, [0.5], lconfig, layout=layout)
+    assert part.key == "curve-lam0.5"
+    torch.testing.assert_close(log_alpha, sweep.log_alphas[0.5], rtol=0, atol=0)
+    pd.testing.assert_frame_equal(curve, sweep.curves)
 
 
 def test_empty_loss_mask_and_identical_sets_are_refused():

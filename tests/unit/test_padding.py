@@ -14,7 +14,7 @@ import torch
 
 import headlab as hl
 from headlab.analyses.gates import loss_targets, masked_nll
-from headlab.analyses.steer_generate import GenerateConfig, generate_ids
+from headlab.analyses.steer.generate import GenerateConfig, generate_ids
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
 from headlab.models.layout import with_position_ids

@@ -12,12 +12,12 @@ import headlab as hl
 from headlab.analyses.prune import (
     check_fractions,
     prune_curves,
-    prune_figure,
     prune_plan,
     random_units,
     removable_fraction,
     summarize,
 )
+from headlab.plots.prune import prune_figure
 
 METHODS = ["zero", "mean", "peak", "resample"]
 
@@ -148,7 +148,7 @@ def test_summary_and_removable_fraction():
         removable_fraction(table, 0.1, strict=True)
     with pytest.raises(hl.ConfigError, match="tolerance must be"):
         removable_fraction(table, -1)
-    assert isinstance(prune_figure(table), Figure)
+    assert isinstance(prune_figure(summarize(table)), Figure)
 
 
 def test_bad_input(setup):

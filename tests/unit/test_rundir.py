@@ -449,7 +449,7 @@ def test_a_read_only_out_by_chmod(tmp_path):
 
 # -- the cascade: rounds after a dropped one are redone -------------------------------------------
 def test_cascade_keeps_only_the_rounds_before_a_dropped_one(tmp_path):
-    from headlab.cli.cascade import _finished_rounds
+    from headlab.jobs.cascade import finished_rounds as _finished_rounds
 
     run = opened(tmp_path / "run", [])
     for step in range(4):

@@ -9,7 +9,8 @@ from matplotlib.figure import Figure
 from tiny_models import build
 
 import headlab as hl
-from headlab.analyses.shift import conditions, shift, shift_figure
+from headlab.analyses.shift import conditions, shift
+from headlab.plots.shift import shift_figure
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,6 @@ import torch
 from oracles import edited
 
 import headlab as hl
-from headlab.analyses.concepts import (
-    CONCEPTS,
-    Concept,
-    concept_rate,
-    concept_tokens,
-    get_concept,
-)
 from headlab.analyses.steer import (
     GenerateConfig,
     SteerConfig,
@@ -28,7 +21,14 @@ from headlab.analyses.steer import (
     random_sets,
     rescaled,
 )
-from headlab.analyses.steer_select import (
+from headlab.analyses.steer.concepts import (
+    CONCEPTS,
+    Concept,
+    concept_rate,
+    concept_tokens,
+    get_concept,
+)
+from headlab.analyses.steer.select import (
     ConceptMass,
     concept_dictionary,
     head_contributions,
@@ -355,8 +355,8 @@ def test_summary_and_figure_read_the_table():
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from headlab.analyses.steer import with_baseline
-    from headlab.analyses.steer_plots import steer_figure, steer_summary
+    from headlab.analyses.steer import steer_summary, with_baseline
+    from headlab.plots.steer import steer_figure
 
     rows = [("clean", None, 1.0, "concept", "concept_rate", 0.1),
             ("clean", None, 1.0, "docs", "ce", 2.0)]  # fmt: skip
@@ -380,7 +380,7 @@ def test_summary_and_figure_read_the_table():
     assert s.random_mean[1] == pytest.approx((0.15 + 0.22) / 2)
     assert s.random_sd[1] == pytest.approx(abs(0.22 - 0.15) / math.sqrt(2))
     assert s.d_docs_ce_selected[0] == pytest.approx(0.5) and s.d_docs_ce_random[1] == 0.5
-    fig = steer_figure(table, title="t")
+    fig = steer_figure(table, s, title="t")
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     sel_line = next(ln for ln in fig.axes[0].lines if ln.get_color() == "C3")
     assert list(sel_line.get_ydata()) == [0.02, 0.4]

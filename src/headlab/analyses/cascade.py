@@ -5,7 +5,8 @@ removal. Round ``t`` starts from the set ``S_t`` of heads removed so far and sco
 candidate ``h`` ablated together with ``S_t``; ``effect`` is the extra harm of ``h`` on top of
 ``S_t`` (``value - baseline``, oriented so positive = worse, where ``baseline`` is the metric
 under ``S_t`` alone). The head with the largest effect is removed next. Round 0 is an ordinary
-single-head sweep.
+single-head sweep. Each round is a part (:class:`CascadePart`, key ``cascade-step###``) that
+holds the heads removed before it, so a job runs the rounds one after the other.
 
 A **backup head** (:func:`backup_heads`) is one whose effect rises sharply once another head is
 removed: between rounds ``t - 1`` and ``t`` its effect grows by at least ``share`` of the

@@ -44,7 +44,6 @@ from headlab.heads import top_heads as _top_heads
 from headlab.hooks import intervene_at
 from headlab.interventions import Plan, StatsSource
 from headlab.models.attention import attention_patterns, check_unpadded
-from headlab.models.attention import eager_attention as eager_attention  # analyses/rollout.py
 from headlab.models.layout import Layout, describe
 from headlab.parts import Context, Part
 

@@ -23,21 +23,21 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from headlab.batch import Batch
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
+from headlab.heads import Head
 from headlab.hooks import BlockOutput, blocks_of, capture_blocks, intervene
 from headlab.interventions import Intervention, Plan, StatsSource, example_offset
 from headlab.interventions import intervention_from_name as _parse
 from headlab.models.layout import Layout, call_model, describe
+from headlab.parts import Context, OnForward, Part
 
-__all__ = ["COLUMNS", "Condition", "conditions", "shift", "shift_figure"]
+__all__ = ["COLUMNS", "Condition", "ShiftPart", "conditions", "part_key", "shift", "shift_plan"]
 
 COLUMNS = [
     "method",
@@ -51,7 +51,6 @@ COLUMNS = [
     "baseline",
     "delta",
 ]
-Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,53 @@ def conditions(
         if each:
             out += [Condition(m, f"L{ly}.H{h}", ((ly, h),), iv) for ly, h in hs]
     return out
+
+
+def part_key(method: str) -> str:
+    return f"shift-{method.replace(':', '_')}"
+
+
+@dataclass(frozen=True)
+class ShiftPart(Part):
+    """Every condition of one method (key ``shift-METHOD``): the unit a run directory saves."""
+
+    method: str
+    conditions: tuple[Condition, ...]
+    skip_first: bool = False
+
+    @property
+    def key(self) -> str:
+        return part_key(self.method)
+
+    def cost(self, ctx: Context) -> int:
+        return len(self.conditions) * len(ctx.batch)
+
+    def run(self, ctx: Context, on_forward: OnForward | None = None) -> pd.DataFrame:
+        def done(k: int) -> None:
+            if on_forward is not None:
+                on_forward(len(ctx.batch))
+
+        return shift(
+            ctx.model, ctx.batch, self.conditions, stats=ctx.stats, batch_size=ctx.batch_size,
+            skip_first=self.skip_first, on_condition=done, layout=ctx.layout,
+        )  # fmt: skip
+
+
+def shift_plan(
+    heads: Sequence[Head],
+    methods: Sequence[str] = ("zero", "mean", "peak", "resample"),
+    *,
+    each: bool = False,
+    skip_first: bool = False,
+) -> list[ShiftPart]:
+    """One part per method: the method on all ``heads`` at once and, with ``each``, on each head
+    alone (see :func:`conditions`)."""
+    parts: dict[str, ShiftPart] = {}
+    for m in methods:
+        parts.setdefault(
+            part_key(m), ShiftPart(m, tuple(conditions(heads, [m], each=each)), skip_first)
+        )
+    return list(parts.values())
 
 
 class _Moments:
@@ -218,41 +264,3 @@ def shift(
         if on_condition is not None:
             on_condition(k + 1)
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def shift_figure(table: pd.DataFrame, *, target: str | None = None) -> Figure:
-    """Norm ratio and fraction beyond 3 sd against the layer, one line per method, and KL per
-    method, for one ``target`` (default: the first with several heads, else the first)."""
-    targets = list(dict.fromkeys(table["target"]))
-    if target is None:
-        multi = table[table["n_heads"] > 1]["target"]
-        target = str(multi.iloc[0]) if len(multi) else targets[0]
-    sub = table[table["target"] == target]
-    if sub.empty:
-        raise ConfigError(f"no rows for target {target!r}; have {targets}")
-    methods = list(dict.fromkeys(sub["method"]))
-    fig = Figure(figsize=(11, 3.3))
-    ax_n, ax_b, ax_k = fig.subplots(1, 3, gridspec_kw={"width_ratios": [3, 3, 2]})
-    for i, m in enumerate(methods):
-        g = sub[sub["method"] == m]
-        for ax, metric in ((ax_n, "norm_ratio"), (ax_b, "frac_3sigma")):
-            r = g[g["metric"] == metric].sort_values("at_layer")
-            ax.plot(r["at_layer"], r["value"], marker=".", color=f"C{i}", label=m)
-    clean = sub[(sub["metric"] == "frac_3sigma") & (sub["method"] == methods[0])]
-    ax_b.plot(clean["at_layer"], clean["baseline"], "k--", lw=0.8, label="clean")
-    ax_n.axhline(1, color="0.6", lw=0.8)
-    kl = sub[sub["metric"] == "kl"].set_index("method").loc[methods, "value"]
-    ax_k.bar(range(len(methods)), kl.to_numpy(), color=[f"C{i}" for i in range(len(methods))])
-    ax_k.set_xticks(range(len(methods)), methods, fontsize=8)
-    ax_n.set(xlabel="layer (block output)", ylabel="‖r_abl‖ / ‖r_clean‖", title="norm ratio")
-    ax_b.set(xlabel="layer (block output)", ylabel="fraction", title="beyond 3σ of clean")
-    ax_k.set(ylabel="KL(clean ‖ ablated), nats", title="output KL")
-    for ax in (ax_n, ax_b, ax_k):
-        ax.title.set_fontsize(9)
-    if np.nanmax(sub[sub["metric"] == "norm_ratio"]["value"]) > 3:
-        ax_n.set_yscale("log")
-    ax_n.legend(fontsize=7)
-    ax_b.legend(fontsize=7)
-    fig.suptitle(f"Distribution shift from ablating {target}", fontsize=10)
-    fig.tight_layout()
-    return fig

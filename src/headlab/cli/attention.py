@@ -4,8 +4,6 @@ mass on a token set) vs faithfulness (exact causal effect) of every head on a ta
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any
 
 from headlab.cli.common import (
     add_data_args,
@@ -13,18 +11,12 @@ from headlab.cli.common import (
     add_run_args,
     add_stats_args,
     csv_list,
+    data_kwargs,
     int_list,
     parse_heads,
     positive_int,
+    status,
 )
-from headlab.cli.common import status as status_printer
-from headlab.cli.shared import (
-    load_parts,
-    open_run,
-    prepared_inputs,
-)
-from headlab.errors import ConfigError
-from headlab.runs import RunDir
 
 NAME = "attention"
 HELP = (
@@ -96,158 +88,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.interventions import intervention_from_name
+    from headlab.jobs.attention import run_attention
+    from headlab.jobs.base import command_line
 
-    say = status_printer(args)
-    has_data = bool(args.task or args.data)
-    if args.prompt is None and not has_data:
-        raise ConfigError(
-            "give --prompt TEXT (patterns and rollout) and/or --task NAME or --data PATH "
-            "(plausibility vs faithfulness)"
-        )
-    if args.prompt is None and (args.heads or args.layers):
-        raise ConfigError("--heads and --layers choose which patterns to draw; give --prompt TEXT")
-    heads = parse_heads(args.heads) or []
-    words = csv_list(args.tokens) if args.tokens else None
-    if has_data and args.method != "patch":
-        intervention_from_name(args.method)  # fail early on a bad name
-    if not 0 < args.ci < 1 or args.n_boot < 0 or args.top_k < 1:
-        raise ConfigError("need 0 < --ci < 1, --n-boot >= 0 and --top-k >= 1")
-    prepared = prepared_inputs(args) if has_data else None
-    if prepared is not None:
-        model, tok = prepared.model, prepared.tokenizer
-        identity: dict[str, Any] = {}
-    else:
-        from headlab.models.load import load_model, model_fingerprint
-
-        model, tok = load_model(
-            args.model, dtype=args.dtype, device=args.device, on_status=say,
-            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-        )  # fmt: skip
-        fingerprint = model_fingerprint(model)
-        identity = {
-            "model": args.model, "dtype": args.dtype, "model_fingerprint": fingerprint,
-            "trust_remote_code": args.trust_remote_code,
-        }  # fmt: skip
-    bos = {"auto": None, "yes": True, "no": False}[args.prepend_bos]
-    identity |= {"prompt": args.prompt, "prepend_bos": bos}
-    prompt = None
-    if args.prompt is not None:  # refuse a prompt beyond the context before writing anything
-        from headlab.analyses.attention import prompt_batch
-
-        prompt = prompt_batch(tok, args.prompt, model=model, prepend_bos=bos)
-    if has_data:
-        identity |= {
-            "keys": "words" if words else args.keys, "tokens": words, "method": args.method,
-            "metric": args.metric, "stats": {"bins": args.bins, "reservoir": args.reservoir},
-        }  # fmt: skip
-    if prepared is not None:
-        run_dir = open_run(args, "attention", prepared, identity)
-    else:
-        command = ["headlab", *sys.argv[1:]]
-        run_dir = RunDir.open(
-            args.out, kind="attention", identity=identity, command=command, force=args.force,
-            on_status=say,
-        )  # fmt: skip
-    try:
-        if prompt is not None:
-            _patterns(args, run_dir, model, tok, prompt, heads)
-        summary = _faithfulness(args, run_dir, prepared, words, say) if has_data else None
-    except KeyboardInterrupt:
-        run_dir.set_status("interrupted")
-        raise
-    run_dir.set_status("complete", **({} if summary is None else {"summary": summary}))
-    print(f"\nrun directory: {run_dir.path}")
+    result = run_attention(
+        out=args.out,
+        **data_kwargs(args),
+        prompt=args.prompt,
+        heads=parse_heads(args.heads),
+        layers=args.layers,
+        prepend_bos=args.prepend_bos,
+        keys=args.keys,
+        tokens=csv_list(args.tokens) if args.tokens else None,
+        method=args.method,
+        metric=args.metric,
+        top_k=args.top_k,
+        n_boot=args.n_boot,
+        ci=args.ci,
+        top=args.top,
+        bins=args.bins,
+        reservoir=args.reservoir,
+        batch_size=args.batch_size,
+        force=args.force,
+        progress=not args.quiet,
+        on_status=status(args),
+        command=command_line(),
+    )
+    if result.patterns is not None:
+        print_patterns(result, parse_heads(args.heads) or [])
+    if result.table is not None:
+        print_faithfulness(result.table, result.summary.iloc[0], args.top)
+    print(f"\nrun directory: {result.run_dir.path}")
     return 0
 
 
-def _patterns(args, run_dir: RunDir, model, tok, batch, heads) -> None:
-    from headlab.analyses.attention import attention_map, attention_rollout
-    from headlab.analyses.attention_plots import (
-        attention_grid_figure,
-        attention_head_figure,
-        rollout_figure,
-    )
-
-    run_dir.save_tokens(batch, "prompt_tokens.safetensors")
-    table = attention_map(model, tok, batch)
-    rollout = attention_rollout(table)
-    run_dir.save_table("patterns.parquet", table)
-    run_dir.save_table("rollout.parquet", rollout)
-    n_layers = int(table["layer"].max()) + 1
-    panel = 1.1 if len(args.layers or range(n_layers)) <= 12 else 0.8
-    grid = attention_grid_figure(table, layers=args.layers, panel=panel)
-    run_dir.save_figure("attention_grid.png", grid)
-    for ly, h in heads:
-        run_dir.save_figure(f"head_L{ly}_H{h}.png", attention_head_figure(table, ly, h))
-    run_dir.save_figure("rollout.png", rollout_figure(rollout))
-    last = rollout[(rollout["layer"] == n_layers - 1) & (rollout["query"] == batch.seq_len - 1)]
+def print_patterns(result, heads) -> None:
+    """Where the last token's rollout goes, and which files were written."""
+    rollout, seq_len = result.rollout, result.prompt.seq_len
+    n_layers = int(result.patterns["layer"].max()) + 1
+    last = rollout[(rollout["layer"] == n_layers - 1) & (rollout["query"] == seq_len - 1)]
     top = last.sort_values("weight", ascending=False).head(3)
     shown = ", ".join(f"{r.key}:{r.key_token!r} {r.weight:.2f}" for r in top.itertuples())
-    print(
-        f"prompt: {batch.seq_len} tokens; rollout of the last token after the last layer: {shown}"
-    )
+    print(f"prompt: {seq_len} tokens; rollout of the last token after the last layer: {shown}")
     figures = ["attention_grid.png", "rollout.png", *(f"head_L{ly}_H{h}.png" for ly, h in heads)]
     print(f"wrote patterns.parquet, rollout.parquet, {', '.join(figures)}")
 
 
-def _faithfulness(args, run_dir: RunDir, prepared, words, say) -> dict[str, Any]:
-    from headlab.analyses.attention import attention_mass
-    from headlab.analyses.attention_faith import causal_parts, compare_rankings
-    from headlab.analyses.attention_plots import faithfulness_figure
-    from headlab.cli.shared import run_stats
-    from headlab.interventions import intervention_from_name
-
-    batch, layout = prepared.eval, prepared.layout
-    done = run_dir.done_parts()
-    if "mass" not in done:
-        mass = attention_mass(
-            prepared.model, batch, keys="words" if words else args.keys, words=words,
-            tokenizer=prepared.tokenizer, batch_size=args.batch_size, layout=layout,
-        )  # fmt: skip
-        if mass["value"].isna().all():
-            raise ConfigError(
-                f"no example has a key token under --keys {mass['keys'].iloc[0]}; choose another "
-                "--keys or --tokens words that occur in the prompts"
-            )
-        run_dir.save_part("mass", mass)
-    stats = counterfactual = None
-    if args.method == "patch":
-        counterfactual = prepared.stats_batch
-    elif intervention_from_name(args.method).needs is not None:
-        stats = run_stats(
-            run_dir, prepared, bins=args.bins, reservoir=args.reservoir, seed=args.seed,
-            batch_size=args.batch_size, on_status=say,
-        )  # fmt: skip
-    todo = [ly for ly in range(layout.n_layers) if f"effect-L{ly:03d}" not in done]
-    bar = None
-    if todo and not args.quiet:
-        from tqdm.auto import tqdm
-
-        total = len(todo) * layout.n_heads * len(batch)
-        bar = tqdm(total=total, desc=f"{args.method} effects", unit="ex", dynamic_ncols=True)
-    try:
-        for key, part in causal_parts(
-            prepared.model, batch, method=args.method, metric=args.metric or prepared.metrics[0],
-            stats=stats, counterfactual=counterfactual, batch_size=args.batch_size, skip=done,
-            on_forward=bar.update if bar is not None else None, layout=layout,
-        ):  # fmt: skip
-            run_dir.save_part(key, part)
-    finally:
-        if bar is not None:
-            bar.close()
-    mass = load_parts(run_dir, "mass")
-    effects = load_parts(run_dir, "effect-")
-    table, summary = compare_rankings(
-        mass, effects, n_boot=args.n_boot, ci=args.ci, seed=args.seed, top_k=args.top_k
-    )
-    run_dir.save_table("results.parquet", table)
-    run_dir.save_table("summary.csv", summary)
-    run_dir.save_figure("faithfulness.png", faithfulness_figure(table, summary, label_top=args.top))
-    return _print(table, summary.iloc[0], args.top)
-
-
-def _print(table, s, top: int) -> dict[str, Any]:
+def print_faithfulness(table, s, top: int) -> None:
+    """The top heads of both rankings and how well they agree."""
     by_p = table.sort_values("plausibility_rank").head(top)
     by_f = table.sort_values("faithfulness_rank").head(top)
     print(f"top heads by attention mass on '{s['keys']}' tokens (plausibility):")
@@ -260,7 +148,3 @@ def _print(table, s, top: int) -> dict[str, Any]:
         f"examples ({s['n_boot']} resamples); top-{s['top_k']} overlap {s['top_k_overlap']} "
         f"(chance {s['chance_overlap']:.1f})"
     )
-    return {
-        k: (float(v) if isinstance(v, float) else v.item() if hasattr(v, "item") else v)
-        for k, v in s.items()
-    }

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from headlab.cli.common import add_data_args, add_model_args, add_run_args, csv_list, positive_int
-from headlab.cli.shared import open_run, prepared_inputs
-from headlab.errors import ConfigError
+from headlab.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    csv_list,
+    data_kwargs,
+    positive_int,
+    status,
+)
 
 NAME = "detect"
 HELP = (
@@ -40,42 +46,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.analyses.detect import DETECTORS, detect_figure, detect_heads
+    from headlab.jobs.base import command_line
+    from headlab.jobs.detect import run_detect
 
-    detectors = csv_list(args.detector)
-    for d in detectors:
-        if d not in DETECTORS:
-            raise ConfigError(f"unknown detector {d!r}; choose from {', '.join(DETECTORS)}")
-    if not 0 <= args.threshold <= 1:
-        raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
-    overrides = {"task": "induction", "data": None} if args.task is None and not args.data else {}
-    prepared = prepared_inputs(args, **overrides)
-    extra = {
-        "detectors": detectors, "measure": args.measure, "exclude_bos": args.exclude_bos,
-        "exclude_current_token": args.exclude_current_token,
-    }  # fmt: skip
-    run_dir = open_run(args, "detect", prepared, extra)
-    if "detect" in run_dir.done_parts():
-        table = run_dir.load_parts()
-    else:
-        table = detect_heads(
-            prepared.model, prepared.eval, detectors=detectors, measure=args.measure,
-            exclude_bos=args.exclude_bos, exclude_current_token=args.exclude_current_token,
-            batch_size=args.batch_size, layout=prepared.layout,
-        )  # fmt: skip
-        run_dir.save_part("detect", table)
-    run_dir.save_table("results.parquet", table)
-    run_dir.save_figure("detect.png", detect_figure(table, threshold=args.threshold))
-    top = {}
-    for metric, g in table.groupby("metric", sort=False):
-        best = g.sort_values("value", ascending=False, kind="stable").head(args.top)
-        top[metric] = [
-            [int(r.layer), int(r.head), round(float(r.value), 4)] for r in best.itertuples()
-        ]
-    run_dir.set_status("complete", top_heads=top)
-    for metric, rows in top.items():
-        shown = ", ".join(f"L{ly}.H{h} {v:.3f}" for ly, h, v in rows)
-        hits = int((table[table["metric"] == metric]["value"] > args.threshold).sum())
-        print(f"{metric:>20}: {shown}  ({hits} above {args.threshold:g})")
-    print(f"\nrun directory: {run_dir.path}")
+    result = run_detect(
+        out=args.out,
+        **data_kwargs(args),
+        detectors=csv_list(args.detector),
+        measure=args.measure,
+        exclude_bos=args.exclude_bos,
+        exclude_current_token=args.exclude_current_token,
+        threshold=args.threshold,
+        top=args.top,
+        batch_size=args.batch_size,
+        force=args.force,
+        progress=not args.quiet,
+        on_status=status(args),
+        command=command_line(),
+    )
+    print_summary(result)
     return 0
+
+
+def print_summary(result) -> None:
+    """The top heads of every detector, how many pass the threshold, and the run directory."""
+    table, threshold = result.table, result.threshold
+    for metric, rows in result.top_heads.items():
+        shown = ", ".join(f"L{ly}.H{h} {v:.3f}" for ly, h, v in rows)
+        hits = int((table[table["metric"] == metric]["value"] > threshold).sum())
+        print(f"{metric:>20}: {shown}  ({hits} above {threshold:g})")
+    print(f"\nrun directory: {result.run_dir.path}")

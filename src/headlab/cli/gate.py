@@ -1,14 +1,12 @@
 """``headlab gate``: Causal Head Gating (three fits, taxonomy, validation) or its contrastive
 variant (``--forget-task`` / ``--forget-data``), written to a resumable run directory.
 
-The job is :func:`headlab.gate_jobs.run_gate`; this module only parses arguments.
+The job is :func:`headlab.jobs.gate.run_gate`; this module only parses arguments and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import TYPE_CHECKING
 
 from headlab.cli.common import (
     add_data_args,
@@ -20,13 +18,6 @@ from headlab.cli.common import (
     status,
 )
 
-if TYPE_CHECKING:
-    from headlab.gate_jobs import GateRun
-
-#: CPU-sized defaults (the paper: 500 updates, 10 masks), as in ``headlab.gate_jobs.run_gate``
-DEFAULT_STEPS = 100
-DEFAULT_MASKS = 2
-
 NAME = "gate"
 HELP = (
     "Causal Head Gating: fit one sigmoid gate per head of the frozen model three times (lam=0, "
@@ -37,13 +28,15 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from headlab.defaults import DEFAULT_GATE_MASKS, DEFAULT_GATE_STEPS
+
     add_model_args(p)
     add_data_args(p)
     g = p.add_argument_group("gate fits")
     g.add_argument(
         "--steps",
         type=positive_int("--steps"),
-        default=DEFAULT_STEPS,
+        default=DEFAULT_GATE_STEPS,
         help="Adam updates per fit (paper: 500; fewer keeps a default-model run on CPU short)",
     )
     g.add_argument(
@@ -62,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--masks",
         type=positive_int("--masks"),
-        default=DEFAULT_MASKS,
+        default=DEFAULT_GATE_MASKS,
         help="masks fitted in parallel",
     )
     g.add_argument("--lr", type=float, default=None, help="Adam lr (CHG 1.0; contrastive 0.1)")
@@ -100,10 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.gate_jobs import run_gate
+    from headlab.jobs.base import command_line
+    from headlab.jobs.gate import run_gate
 
     result = run_gate(
         out=args.out,
+        **data_kwargs(args),
         steps=args.steps,
         reg_steps=args.reg_steps,
         lam=args.lam,
@@ -122,14 +117,13 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
         on_status=status(args),
-        command=["headlab", *sys.argv[1:]],
-        **data_kwargs(args),
+        command=command_line(),
     )
     print_summary(result)
     return 0
 
 
-def print_summary(result: GateRun, top: int = 8) -> None:
+def print_summary(result, top: int = 8) -> None:
     """Label counts, the most facilitating / interfering heads, NLLs and validation."""
     t = result.table
     if result.mode == "chg":
@@ -158,7 +152,7 @@ def print_summary(result: GateRun, top: int = 8) -> None:
             .to_string(float_format=lambda x: f"{x:.4f}")
         )
     if result.validation is not None:
-        from headlab.analyses.gates_validate import validation_summary
+        from headlab.analyses.gates.validate import validation_summary
 
         print("\nvalidation (zero-ablation; effect > 0 means the metric got worse):")
         print(

@@ -1,13 +1,11 @@
 """``headlab l0``: hard-concrete L0 head gates (Voita et al. 2019) swept over the penalty weight.
 
-The job is :func:`headlab.l0_jobs.run_l0`; this module only parses arguments.
+The job is :func:`headlab.jobs.l0.run_l0`; this module only parses arguments and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import TYPE_CHECKING
 
 from headlab.cli.common import (
     add_data_args,
@@ -18,10 +16,6 @@ from headlab.cli.common import (
     positive_int,
     status,
 )
-from headlab.errors import ConfigError
-
-if TYPE_CHECKING:
-    from headlab.l0_jobs import L0Run
 
 NAME = "l0"
 HELP = (
@@ -29,25 +23,24 @@ HELP = (
     "lam, fit one stochastic gate per head against NLL + lam * (expected open heads per layer), "
     "then evaluate with deterministic gates; reports heads kept vs the metric and the kept set."
 )
-#: CPU-sized defaults, as in ``headlab.l0_jobs.run_l0``
-DEFAULT_STEPS = 100
-DEFAULT_LAMS = "0.01,0.1,0.3,1,3"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from headlab.defaults import DEFAULT_L0_LAMBDAS, DEFAULT_L0_STEPS
+
     add_model_args(p)
     add_data_args(p)
     g = p.add_argument_group("L0 gates")
     g.add_argument(
         "--lam",
-        default=DEFAULT_LAMS,
+        default=",".join(f"{lam:g}" for lam in DEFAULT_L0_LAMBDAS),
         metavar="L1,L2,...",
         help="penalty weights to sweep (>= 0); loss = NLL + lam * sum_heads P(gate != 0) / layers",
     )
     g.add_argument(
         "--steps",
         type=positive_int("--steps"),
-        default=DEFAULT_STEPS,
+        default=DEFAULT_L0_STEPS,
         help="Adam updates per weight",
     )
     g.add_argument("--lr", type=float, default=0.3, help="Adam learning rate of log alpha")
@@ -60,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_lams(text: str) -> list[float]:
     """``"0.01,0.1,1"`` -> ``[0.01, 0.1, 1.0]`` (a clear error for anything else)."""
+    from headlab.errors import ConfigError
+
     out = []
     for item in csv_list(text):
         try:
@@ -72,10 +67,12 @@ def parse_lams(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.l0_jobs import run_l0
+    from headlab.jobs.base import command_line
+    from headlab.jobs.l0 import run_l0
 
     result = run_l0(
         out=args.out,
+        **data_kwargs(args),
         lams=parse_lams(args.lam),
         steps=args.steps,
         lr=args.lr,
@@ -85,14 +82,13 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
         on_status=status(args),
-        command=["headlab", *sys.argv[1:]],
-        **data_kwargs(args),
+        command=command_line(),
     )
     print_summary(result)
     return 0
 
 
-def print_summary(result: L0Run, top: int = 12) -> None:
+def print_summary(result, top: int = 12) -> None:
     """Heads kept and the metric per penalty weight, and the smallest kept sets."""
     t = result.table
     print(f"\nL0 gates: {t['metric'].iloc[0]} with all heads {t['baseline'].iloc[0]:.4f}")

@@ -11,19 +11,11 @@ from headlab.cli.common import (
     add_run_args,
     add_stats_args,
     csv_list,
+    data_kwargs,
     parse_heads,
     positive_int,
+    status,
 )
-from headlab.cli.common import status as status_printer
-from headlab.cli.shared import (
-    load_parts,
-    load_sweep,
-    open_run,
-    prepared_inputs,
-    run_stats,
-    saved_sweep,
-)
-from headlab.errors import ConfigError
 
 NAME = "shift"
 HELP = (
@@ -57,73 +49,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.analyses.shift import conditions, shift, shift_figure
-    from headlab.analyses.sweep import rank_heads
+    from headlab.jobs.base import command_line
+    from headlab.jobs.shift import run_shift
 
-    say = status_printer(args)
-    methods = csv_list(args.method)
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
-    prepared = prepared_inputs(args)
-    heads = parse_heads(args.heads, prepared.layout)  # heads beyond the model: before any work
-    extra = {
-        "methods": methods, "top_k": args.top_k, "heads": heads, "sweep": args.sweep,
-        "rank_method": args.rank_method, "each": args.each, "skip_first": args.skip_first,
-        "stats": {"bins": args.bins, "reservoir": args.reservoir},
-    }  # fmt: skip
-    run_dir = open_run(args, "shift", prepared, extra)
-    try:
-        stats = run_stats(
-            run_dir, prepared, bins=args.bins, reservoir=args.reservoir, seed=args.seed,
-            batch_size=args.batch_size, on_status=say,
-        )  # fmt: skip
-        if heads is None:
-            metric = prepared.metrics[0]
-            if args.sweep:
-                table, _ = load_sweep(args.sweep, prepared)
-            else:
-                if say:
-                    say(f"no --sweep or --heads: sweeping every head ({args.rank_method})")
-                table = saved_sweep(
-                    run_dir, prepared, methods=[args.rank_method], metrics=[metric],
-                    stats=stats, batch_size=args.batch_size,
-                )  # fmt: skip
-            ranked = rank_heads(table)
-            ranked = ranked[(ranked["method"] == args.rank_method) & (ranked["metric"] == metric)]
-            if ranked.empty:
-                raise ConfigError(
-                    f"the sweep has no rows for method {args.rank_method!r} and metric {metric!r}"
-                    "; pick another --rank-method or give --heads"
-                )
-            heads = [(int(r.layer), int(r.head)) for r in ranked.head(args.top_k).itertuples()]
-        for ly, h in heads:
-            prepared.layout.check_head(ly, h)
-        done = run_dir.done_parts()
-        for method in methods:
-            key = f"shift-{method.replace(':', '_')}"
-            if key in done:
-                continue
-            if say:
-                say(f"measuring {method} ablation of {len(heads)} heads")
-            conds = conditions(heads, [method], each=args.each)
-            part = shift(
-                prepared.model, prepared.eval, conds, stats=stats, batch_size=args.batch_size,
-                skip_first=args.skip_first, layout=prepared.layout,
-            )  # fmt: skip
-            run_dir.save_part(key, part)
-    except KeyboardInterrupt:
-        run_dir.set_status("interrupted")
-        raise
-    table = load_parts(run_dir, "shift-")
-    run_dir.save_table("results.parquet", table)
-    run_dir.save_figure("shift.png", shift_figure(table))
-    run_dir.set_status("complete", heads=[list(h) for h in heads])
-    _print(table)
-    print(f"\nrun directory: {run_dir.path}")
+    result = run_shift(
+        out=args.out,
+        **data_kwargs(args),
+        methods=csv_list(args.method),
+        top_k=args.top_k,
+        heads=parse_heads(args.heads),
+        sweep=args.sweep,
+        rank_method=args.rank_method,
+        each=args.each,
+        skip_first=args.skip_first,
+        bins=args.bins,
+        reservoir=args.reservoir,
+        batch_size=args.batch_size,
+        force=args.force,
+        progress=not args.quiet,
+        on_status=status(args),
+        command=command_line(),
+    )
+    _print(result.table)
+    print(f"\nrun directory: {result.run_dir.path}")
     return 0
 
 
 def _print(table) -> None:
+    """For the condition with the most heads: each method's largest departure and output KL."""
     target = table[table["n_heads"] == table["n_heads"].max()]["target"].iloc[0]
     sub = table[table["target"] == target]
     print(f"ablating {target}: largest norm ratio, largest beyond-3sd fraction, output KL")

@@ -2,14 +2,13 @@
 list), generate from held-out prompts with them rescaled by each alpha, and compare concept
 frequency and off-target cost with as many random heads at the same alphas.
 
-The job is :func:`headlab.steer_jobs.run_steer`; this module only parses arguments and prints.
+The job is :func:`headlab.jobs.steer.run_steer`; this module only parses arguments and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from headlab.cli.common import (
@@ -158,7 +157,8 @@ def _lines(path: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from headlab.errors import ConfigError
-    from headlab.steer_jobs import run_steer
+    from headlab.jobs.base import command_line
+    from headlab.jobs.steer import run_steer
 
     for opt in ("prompts", "select_prompts"):
         path = getattr(args, opt)
@@ -184,23 +184,23 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        seed=args.seed,
-        data=None if args.data.lower() in none else args.data,
-        seq_len=args.seq_len,
-        n_blocks=args.n_blocks,
+        gen_batch_size=args.gen_batch_size,
         off_task=None if args.off_task.lower() in none else args.off_task,
         n_task=args.n_task,
         model=args.model,
+        data=None if args.data.lower() in none else args.data,
+        seq_len=args.seq_len,
+        n_blocks=args.n_blocks,
+        seed=args.seed,
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         batch_size=args.batch_size,
-        gen_batch_size=args.gen_batch_size,
         force=args.force,
         progress=not args.quiet,
         on_status=status(args),
-        command=["headlab", *sys.argv[1:]],
+        command=command_line(),
     )
     _print(res)
     print(f"\nrun directory: {res.run_dir.path}")

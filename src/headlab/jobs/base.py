@@ -19,13 +19,13 @@ from typing import Any
 import pandas as pd
 
 from headlab.errors import ConfigError
+from headlab.errors import check_count as check_count
 from headlab.parts import Context, Part
 from headlab.runs import RunDir
 from headlab.stats import Stats, StatsConfig, collect_stats
 
 __all__ = [
     "Say",
-    "check_count",
     "execute",
     "job_stats",
     "load_parts",
@@ -39,14 +39,6 @@ __all__ = [
 Say = Callable[[str], None] | None
 #: how a job saves one part's output (default: a Parquet table under the part's key)
 Save = Callable[[RunDir, Part, Any], None]
-
-
-def check_count(name: str, value: int, *, low: int = 1) -> int:
-    """``value`` if it is an integer >= ``low``, else a ConfigError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        words = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise ConfigError(f"{name} must be {words}, got {value!r}")
-    return value
 
 
 def progress_bar(enabled: bool, total: int, desc: str, unit: str = "ex") -> Any:

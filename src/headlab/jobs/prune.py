@@ -128,10 +128,8 @@ def run_prune(
     )  # fmt: skip
     if prepared is None:
         prepared = prepare(inputs, on_status=on_status)
-    if metrics:
-        metrics = list(metrics)
-    else:
-        metrics = ["ce", "top1"] if task is None else prepared.metrics
+    default_metrics = ["ce", "top1"] if task is None else prepared.metrics
+    metrics = list(metrics) if metrics else default_metrics
     for m in [*metrics, *([rank_metric] if rank_metric else [])]:
         get_metric(m)
     rank = rank_metric or metrics[0]

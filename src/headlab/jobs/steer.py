@@ -1,9 +1,11 @@
 """The ``headlab steer`` job: pick concept heads, generate under each alpha against random-head
 controls, measure concept frequency and off-target cost, and write a resumable run directory.
 
-:func:`run_steer` mirrors the command for notebooks. Every condition (clean; selected heads or one
-random set at one alpha) is saved as it finishes (``parts/steer-<condition>.parquet`` and
-``parts/gen-<condition>.parquet``), so re-running the same command resumes after the last one.
+Every condition (clean; selected heads or one random set at one alpha) is a
+:class:`~headlab.analyses.steer.SteerPart`, saved as it finishes as two parts
+(``parts/gen-<condition>.parquet``, then ``parts/steer-<condition>.parquet``); a condition with
+both is done, so re-running the same command resumes after the last one. With ``select="sweep"``
+the concept-mass sweep is the part ``select-sweep``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,41 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from headlab.analyses.steer import (
+    ConditionOutput,
+    GenerateConfig,
+    SelectSweepPart,
+    SteerConfig,
+    SteerPart,
+    concept_batch,
+    concept_tokens,
+    control_token_sets,
+    encode_prompts,
+    get_concept,
+    pursuit_scores,
+    random_sets,
+    select_heads,
+    steer_context,
+    steer_plan,
+    steer_summary,
+    steer_targets,
+    with_baseline,
+)
+from headlab.batch import Batch
+from headlab.data.targets import target_batch
+from headlab.data.tasks import TASKS
 from headlab.errors import ConfigError
-from headlab.models.load import DEFAULT_MODEL
+from headlab.heads import Head, check_heads
+from headlab.jobs.base import Say, check_count, execute, load_parts, open_run
+from headlab.jobs.inputs import Prepared
+from headlab.models.layout import describe, max_positions
+from headlab.models.load import DEFAULT_MODEL, cached_fingerprint, load_model
+from headlab.parts import Context, Part
+from headlab.plots.steer import steer_figure
 from headlab.runs import RunDir
 
 __all__ = ["SteerRun", "run_steer"]
 
-Head = tuple[int, int]
 SELECT_MODES = ("pursuit", "sweep", "heads")
 
 
@@ -51,8 +81,9 @@ class SteerRun:
     figures: dict[str, Figure] = field(default_factory=dict, repr=False)
 
 
-def _targets(
-    model_tok: Any,
+def _off_targets(
+    tokenizer: Any,
+    *,
     data: str | None,
     seq_len: int,
     n_blocks: int,
@@ -60,34 +91,52 @@ def _targets(
     n_task: int,
     seed: int,
     max_pos: int | None,
-) -> dict[str, tuple[Any, str]]:
-    from headlab.data.blocks import make_blocks
-    from headlab.data.corpora import load_texts
-    from headlab.data.tasks import load_task
-
-    targets: dict[str, tuple[Any, str]] = {}
+) -> dict[str, tuple[Batch, str]]:
+    """The off-target measures: ``n_blocks`` blocks of corpus ``data`` (``ce``, named by its base
+    name) and ``n_task`` examples of task ``off_task`` (its own metric)."""
+    targets: dict[str, tuple[Batch, str]] = {}
     if data:
-        blocks, _ = make_blocks(
-            model_tok,
-            load_texts(data),
-            seq_len=seq_len,
-            n_blocks=n_blocks,
-            n_stats_blocks=1,
-            seed=seed,
-            max_positions=max_pos,
+        if data in TASKS:
+            raise ConfigError(
+                f"--data {data!r} is a task; --data names a corpus (or 'none'), give the task as "
+                "--off-task"
+            )
+        name = os.path.basename(str(data).rstrip("/")) or str(data)
+        targets[name] = target_batch(
+            data, tokenizer, n=n_blocks, seed=seed, seq_len=seq_len, max_positions=max_pos
         )
-        targets[os.path.basename(str(data).rstrip("/")) or str(data)] = (blocks, "ce")
     if off_task:
-        task = load_task(off_task, model_tok, n=n_task, seed=seed)
-        targets[off_task] = (task.eval, task.metric)
+        if off_task not in TASKS:
+            raise ConfigError(
+                f"unknown task {off_task!r}; built-in tasks: {', '.join(TASKS)} (--off-task none "
+                "to skip)"
+            )
+        targets[off_task] = target_batch(off_task, tokenizer, n=n_task, seed=seed)
     return targets
 
 
-def _parts(run: RunDir, prefix: str) -> pd.DataFrame:
-    table = run.load_parts(prefix)  # each part checked against its checksum
-    if table is None:
-        raise ConfigError(f"run directory {run.path} has no {prefix}* parts")
-    return table
+def _save_condition(run: RunDir, part: Part, output: Any) -> None:
+    assert isinstance(part, SteerPart) and isinstance(output, ConditionOutput)
+    run.save_part(part.gen_key, output.generations)
+    run.save_part(part.key, output.table)
+
+
+def _select_sweep(
+    run: RunDir, ctx: Context, token_ids: Sequence[int], *, progress: bool, say: Say
+) -> pd.DataFrame:
+    """The concept-mass sweep of every head on the selection prompts ``ctx.batch`` (the part
+    ``select-sweep``: computed once, then read back)."""
+    part = SelectSweepPart(tuple(token_ids))
+    if part.key in run.done_parts():
+        return run.read_part(part.key)
+    if say:
+        say(f"sweeping every head: concept log-mass on {len(ctx.batch)} prompts")
+    fresh: dict[str, pd.DataFrame] = {}
+    execute(
+        run, [part], ctx, progress=progress, desc="concept sweep",
+        on_done=lambda p, table: fresh.update({p.key: table}),
+    )  # fmt: skip
+    return fresh[part.key]
 
 
 def run_steer(
@@ -110,87 +159,80 @@ def run_steer(
     temperature: float = 1.0,
     top_k: int = 50,
     top_p: float = 1.0,
-    seed: int = 0,
-    data: str | None = "python-docs",
-    seq_len: int = 64,
-    n_blocks: int = 8,
+    gen_batch_size: int = 16,
     off_task: str | None = "capitals",
     n_task: int = 16,
     model: str = DEFAULT_MODEL,
+    data: str | None = "python-docs",
+    seq_len: int = 64,
+    n_blocks: int = 8,
+    seed: int = 0,
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     batch_size: int = 8,
-    gen_batch_size: int = 16,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
     command: list[str] | None = None,
+    prepared: Prepared | None = None,
 ) -> SteerRun:
-    """Select concept heads, steer generation with them and with random heads, write ``out``;
-    mirrors ``headlab steer`` (see its ``--help`` for every option)."""
-    from headlab.analyses.concepts import concept_tokens, get_concept
-    from headlab.analyses.steer import (
-        GenerateConfig,
-        SteerConfig,
-        conditions,
-        random_sets,
-        steer_parts,
-        with_baseline,
-    )
-    from headlab.analyses.steer_generate import encode_prompts
-    from headlab.analyses.steer_plots import steer_figure, steer_summary
-    from headlab.analyses.steer_select import (
-        concept_batch,
-        control_token_sets,
-        pursuit_scores,
-        select_heads,
-        sweep_scores,
-    )
-    from headlab.heads import check_heads
-    from headlab.models.layout import describe, max_positions
-    from headlab.models.load import load_model, model_fingerprint
+    """Select concept heads, steer generation with them and with random heads, write ``out``.
 
-    say = on_status or (lambda msg: None)
+    Mirrors ``headlab steer`` (see its ``--help`` for every option): ``data`` is the corpus whose
+    cross-entropy is the off-target cost (``None``: none) and ``off_task`` a task scored with its
+    own metric (``None``: none). ``prepared`` reuses a loaded model (its ``model``, ``dtype`` and
+    ``trust_remote_code`` replace those given). Returns the tables and the figure; prints nothing
+    unless ``progress``.
+    """
     if heads:
         select = "heads"
     if select not in SELECT_MODES:
         raise ConfigError(f"unknown selection {select!r}; choose from {', '.join(SELECT_MODES)}")
     if select == "heads" and not heads:
         raise ConfigError("--select heads needs --heads L.H,... (e.g. --heads 3.5,10.1)")
-    if k < 1:
-        raise ConfigError(f"--k must be at least 1, got {k}")
+    for name, value, low in (("--k", k, 1), ("--steps", steps, 1), ("--controls", controls, 0),
+                             ("--n-random", n_random, 0), ("--max-new-tokens", max_new_tokens, 1),
+                             ("--top-k", top_k, 0), ("--gen-batch-size", gen_batch_size, 1),
+                             ("--seq-len", seq_len, 1), ("--n-blocks", n_blocks, 1),
+                             ("--n-task", n_task, 1), ("--batch-size", batch_size, 1)):  # fmt: skip
+        check_count(name, value, low=low)
+    if heads:
+        heads = check_heads(heads)  # repeats and non-pairs: refused before loading anything
     the_concept = get_concept(concept, prompts=prompts, select_prompts=select_prompts)
     gen = GenerateConfig(
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        batch_size=gen_batch_size,
-    )
+        max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, batch_size=gen_batch_size,
+    )  # fmt: skip
     config = SteerConfig(
         alphas=tuple(alphas), n_random=n_random, seed=seed, generate=gen, batch_size=batch_size
     )
-    net, tok = load_model(
-        model, dtype=dtype, device=device, on_status=on_status,
-        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-    )  # fmt: skip
+    if prepared is None:
+        net, tok = load_model(
+            model, dtype=dtype, device=device, on_status=on_status,
+            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        )  # fmt: skip
+        layout = describe(net)
+    else:
+        net, tok, layout = prepared.model, prepared.tokenizer, prepared.layout
+        model, dtype = prepared.inputs.model, prepared.inputs.dtype
+        trust_remote_code = prepared.inputs.trust_remote_code
     if tok is None or not callable(getattr(tok, "batch_decode", None)):
         raise ConfigError(f"{model} has no text tokenizer; steering generates text")
-    layout = describe(net)
     if heads:
-        heads = check_heads(heads, layout)  # repeated or beyond the model: before any work
+        heads = check_heads(heads, layout)  # beyond the model: before any work
     encode_prompts(net, tok, the_concept.prompts, max_new_tokens)  # refuse before any work
     tokens = concept_tokens(tok, the_concept.words, multi=multi_token)
-    targets = _targets(tok, data, seq_len, n_blocks, off_task, n_task, seed, max_positions(net))
+    off = _off_targets(
+        tok, data=data, seq_len=seq_len, n_blocks=n_blocks, off_task=off_task, n_task=n_task,
+        seed=seed, max_pos=max_positions(net),
+    )  # fmt: skip
     identity = {
         "model": model,
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
-        "model_fingerprint": model_fingerprint(net),
+        "model_fingerprint": cached_fingerprint(net),
         "concept": asdict(the_concept),
         "token_ids": list(tokens.token_ids),
         "select": select,
@@ -206,11 +248,9 @@ def run_steer(
         "off_task": off_task,
         "n_task": n_task,
     }
-    run = RunDir.open(
-        out, kind="steer", identity=identity, command=command, force=force, on_status=on_status
-    )
-    try:
-        labels = {}
+    say = on_status or (lambda msg: None)
+    with open_run(out, "steer", identity, command=command, force=force, on_status=on_status) as run:
+        labels: dict[int, str] = {}
         for row in tokens.table.itertuples():
             labels.setdefault(int(row.token_id), row.form.replace(" ", "_"))
         sel_batch = concept_batch(tok, the_concept.select_prompts)
@@ -219,75 +259,34 @@ def run_steer(
             tok, len(tokens.token_ids), controls, seed=seed, exclude=tokens.token_ids
         )
         scores = pursuit_scores(
-            net,
-            sel_batch,
-            tokens.token_ids,
-            steps=steps,
-            positions=positions,
-            controls=ctl,
-            labels=[labels[t] for t in tokens.token_ids],
-            layout=layout,
-        )
+            net, sel_batch, tokens.token_ids, steps=steps, positions=positions, controls=ctl,
+            labels=[labels[t] for t in tokens.token_ids], layout=layout,
+        )  # fmt: skip
         run.save_table("heads.csv", scores)
         chosen = scores
         if select == "sweep":
-            if "select-sweep" in run.done_parts():
-                chosen = run.read_part("select-sweep")
-            else:
-                say(f"sweeping every head: concept log-mass on {len(sel_batch)} prompts")
-                chosen = sweep_scores(
-                    net, sel_batch, tokens.token_ids, batch_size=batch_size, layout=layout
-                )
-                run.save_part("select-sweep", chosen)
+            ctx = Context(net, layout, sel_batch, batch_size=batch_size)
+            chosen = _select_sweep(run, ctx, tokens.token_ids, progress=progress, say=say)
             run.save_table("heads_sweep.csv", chosen)
-        if select == "heads":
-            selected = [(int(ly), int(h)) for ly, h in heads]  # type: ignore[union-attr]
-            for ly, h in selected:
-                layout.check_head(ly, h)
-        else:
-            selected = select_heads(chosen, k)
+        selected = list(heads) if heads else select_heads(chosen, k)
         say("steering heads " + ", ".join(f"{ly}.{h}" for ly, h in selected))
-        conds = conditions(selected, layout, config)
-        done = run.done_parts()
-        skip = {c.key for c in conds if {f"steer-{c.key}", f"gen-{c.key}"} <= done}
-        bar = None
-        if progress and len(conds) > len(skip):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=len(conds) - len(skip),
-                desc="steer conditions",
-                unit="cond",
-                dynamic_ncols=True,
-            )
-        try:
-            for part in steer_parts(
-                net,
-                tok,
-                the_concept,
-                selected,
-                config=config,
-                targets=targets,
-                token_ids=tokens.token_ids,
-                skip=skip,
-                layout=layout,
-            ):
-                run.save_part(f"gen-{part.condition.key}", part.generations)
-                run.save_part(f"steer-{part.condition.key}", part.table)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        table = with_baseline(_parts(run, "steer-"))
-        gens = _parts(run, "gen-")
+        targets = steer_targets(tok, the_concept, off, tokens.token_ids)
+        parts = steer_plan(selected, layout, the_concept, config, targets)
+        finished = run.done_parts()
+        execute(
+            run, parts, steer_context(net, tok, layout, the_concept, config, targets),
+            progress=progress, desc="steer conditions", unit="cond",
+            done=lambda p: {p.key, p.gen_key} <= finished, save=_save_condition,
+        )  # fmt: skip
+        table = with_baseline(load_parts(run, "steer-"))
+        gens = load_parts(run, "gen-")
         summary = steer_summary(table)
         run.save_table("results.parquet", table)
         run.save_table("summary.csv", summary)
         with run.atomic("generations.jsonl") as tmp:
             gens.to_json(tmp, orient="records", lines=True, force_ascii=False)
         title = f"{the_concept.name}: heads {', '.join(f'{ly}.{h}' for ly, h in selected)}"
-        figures = {"steer.png": steer_figure(table, title=title)}
+        figures = {"steer.png": steer_figure(table, summary, title=title)}
         for name, fig in figures.items():
             run.save_figure(name, fig)
         rand = random_sets(layout, len(selected), n_random, seed=seed, exclude=selected)
@@ -298,8 +297,3 @@ def run_steer(
         )
         sweep = chosen if select == "sweep" else None
         return SteerRun(table, summary, scores, selected, rand, gens, run, sweep, figures)
-    except KeyboardInterrupt:
-        run.set_status("interrupted")
-        raise
-    finally:
-        run.close()

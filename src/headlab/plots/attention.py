@@ -4,7 +4,8 @@
   (a subset of layers/heads keeps 270 panels legible);
 - :func:`attention_head_figure`: one head, token labels on both axes;
 - :func:`rollout_figure`: the rollout matrix after one layer, token labels on both axes;
-- :func:`faithfulness_figure`: attention mass vs |causal effect| per head, top heads labelled.
+- :func:`faithfulness_figure`: attention mass vs |causal effect| per head, top heads labelled;
+- :func:`prompt_figures`: the figures ``headlab attention --prompt`` writes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headlab.analyses.attention_maps import map_tensor
+from headlab.analyses.attention.maps import map_tensor
 from headlab.errors import ConfigError
 
 __all__ = [
     "attention_grid_figure",
     "attention_head_figure",
     "faithfulness_figure",
+    "prompt_figures",
     "rollout_figure",
 ]
 
@@ -173,3 +175,21 @@ def faithfulness_figure(
             fontsize=8,
         )
     return fig
+
+
+def prompt_figures(
+    table: pd.DataFrame,
+    rollout: pd.DataFrame,
+    *,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[tuple[int, int]] = (),
+) -> dict[str, Figure]:
+    """The figures of a prompt's patterns: ``attention_grid.png`` (the chosen ``layers``),
+    ``rollout.png`` and one ``head_L{layer}_H{head}.png`` per head of ``heads``."""
+    n_layers = int(table["layer"].max()) + 1
+    panel = 1.1 if len(layers or range(n_layers)) <= 12 else 0.8
+    out = {"attention_grid.png": attention_grid_figure(table, layers=layers, panel=panel)}
+    for ly, h in heads:
+        out[f"head_L{ly}_H{h}.png"] = attention_head_figure(table, ly, h)
+    out["rollout.png"] = rollout_figure(rollout)
+    return out

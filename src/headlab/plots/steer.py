@@ -1,4 +1,4 @@
-"""Summary table and figure of a steering table (:func:`headlab.analyses.steer.steer`)."""
+"""Figure of ``headlab steer``: concept frequency and off-target cost against alpha."""
 
 from __future__ import annotations
 
@@ -7,55 +7,23 @@ import math
 import pandas as pd
 from matplotlib.figure import Figure  # used without pyplot: no GUI backend, no global state
 
-__all__ = ["steer_figure", "steer_summary"]
+__all__ = ["steer_figure"]
 
 
-def _rows(table: pd.DataFrame, target: str, metric: str) -> pd.DataFrame:
-    return table[(table["target"] == target) & (table["metric"] == metric)]
-
-
-def steer_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per alpha: the selected heads' concept rate, the random controls' mean and sd
-    (over seeds), and ``d_<target>_<metric>_selected`` / ``_random`` (mean over seeds) changes vs
-    the clean model for every other measure (``d_concept_logmass_*`` for the concept's own
-    next-token log-mass)."""
-    rate = _rows(table, "concept", "concept_rate")
-    clean = rate[rate["selection"] == "clean"]["value"]
-    is_rate = (table["target"] == "concept") & (table["metric"] == "concept_rate")
-    others = table[~is_rate][["target", "metric"]].drop_duplicates()
-    out = []
-    for alpha in sorted(set(rate[rate["selection"] != "clean"]["alpha"])):
-        sel = rate[(rate["selection"] == "selected") & (rate["alpha"] == alpha)]["value"]
-        rnd = rate[(rate["selection"] == "random") & (rate["alpha"] == alpha)]["value"]
-        row = {
-            "alpha": alpha,
-            "clean_rate": float(clean.iloc[0]) if len(clean) else math.nan,
-            "selected_rate": float(sel.iloc[0]) if len(sel) else math.nan,
-            "random_mean": float(rnd.mean()) if len(rnd) else math.nan,
-            "random_sd": float(rnd.std()) if len(rnd) > 1 else math.nan,
-            "n_random": len(rnd),
-        }
-        for t, m in others.itertuples(index=False):
-            sub = _rows(table, t, m)
-            s = sub[(sub["selection"] == "selected") & (sub["alpha"] == alpha)]["delta"]
-            r = sub[(sub["selection"] == "random") & (sub["alpha"] == alpha)]["delta"]
-            name = m if t == "concept" else f"{t}_{m}"
-            row[f"d_{name}_selected"] = float(s.iloc[0]) if len(s) else math.nan
-            row[f"d_{name}_random"] = float(r.mean()) if len(r) else math.nan
-        out.append(row)
-    return pd.DataFrame(out)
-
-
-def steer_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
+def steer_figure(table: pd.DataFrame, summary: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Concept frequency against alpha: the selected heads (line), random heads (mean ± sd band
     over seeds, and each seed faintly), the clean model (alpha = 1, dashed); and beside it the
-    change of each off-target measure against alpha."""
-    summary = steer_summary(table)
+    change of each off-target measure against alpha.
+
+    Args:
+        table: the steering table (:func:`headlab.analyses.steer.with_baseline`).
+        summary: its per-alpha summary (:func:`headlab.analyses.steer.steer_summary`).
+    """
     others = [c[2:-9] for c in summary.columns if c.startswith("d_") and c.endswith("_selected")]
     fig = Figure(figsize=(5.2 + 4.2 * bool(others), 3.8))
     axes = fig.subplots(1, 1 + bool(others), squeeze=False)[0]
     ax = axes[0]
-    rate = _rows(table, "concept", "concept_rate")
+    rate = table[(table["target"] == "concept") & (table["metric"] == "concept_rate")]
     a = summary["alpha"]
     for _, g in rate[rate["selection"] == "random"].groupby("seed"):
         ax.plot(g["alpha"], g["value"], color="grey", alpha=0.35, lw=0.8)

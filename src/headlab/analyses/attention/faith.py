@@ -3,14 +3,16 @@
 For every head, on the same examples:
 
 - **plausibility** = attention mass from the query position(s) onto a token set
-  (:func:`headlab.analyses.attention.attention_mass`; e.g. for ``names`` the mass from the final
-  position onto the indirect-object name), averaged over examples;
+  (:func:`headlab.analyses.attention.mass.attention_mass`; e.g. for ``names`` the mass from the
+  final position onto the indirect-object name), averaged over examples;
 - **faithfulness** = the exact causal effect of intervening on that head alone, through the engine:
   an ablation (``zero``, ``mean``, ``median``, ``peak``, ``resample``, ``scale:A``) or activation
   patching from a position-aligned counterfactual (``patch``). ``effect`` is positive when the
   intervention hurts (``-delta`` for metrics where higher is better), ``abs_effect = |effect|``.
+  Each layer's effects are one part (:class:`EffectPart`, key ``effect-L###``) of
+  ``headlab attention``.
 
-:func:`compare_rankings` (:mod:`headlab.analyses.attention_rank`) turns the per-example tables
+:func:`compare_rankings` (:mod:`headlab.analyses.attention.rank`) turns the per-example tables
 into one row per head (both scores and both 1-based ranks) and a one-row summary: Spearman rho of
 plausibility against ``abs_effect`` over heads with a bias-corrected bootstrap CI over *examples*,
 and the overlap of the two top-k sets.
@@ -18,7 +20,7 @@ and the overlap of the two top-k sets.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,27 +28,27 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from headlab.analyses.attention import attention_mass
-from headlab.analyses.attention_rank import TABLE_COLUMNS, compare_rankings
-from headlab.analyses.ranking import bc_interval
+from headlab.analyses.attention.mass import attention_mass, require_keys
+from headlab.analyses.attention.rank import compare_rankings
 from headlab.analyses.sweep import ablate_each
 from headlab.batch import Batch
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
-from headlab.heads import heads_by_layer
+from headlab.heads import Head, heads_by_layer, top_heads
 from headlab.hooks import record
 from headlab.interventions import Intervention, Patch, Plan, StatsSource, intervention_from_name
 from headlab.metrics import Metric, get_metric
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, Part
 
 __all__ = [
-    "TABLE_COLUMNS",
+    "COUNTERFACTUAL",
+    "EFFECT_COLUMNS",
+    "EffectPart",
     "Faithfulness",
-    "bc_interval",
     "causal_effects",
-    "causal_parts",
-    "compare_rankings",
-    "default_metric",
+    "effect_parts",
+    "faithfulness_metric",
     "plausibility_faithfulness",
 ]
 
@@ -54,11 +56,13 @@ EFFECT_COLUMNS = [
     "example", "layer", "head", "method", "metric", "value", "baseline", "delta", "weight",
     "effect",
 ]  # fmt: skip
+#: the name, in :attr:`headlab.parts.Context.batches`, of the batch ``patch`` takes activations from
+COUNTERFACTUAL = "counterfactual"
 
 
-def default_metric(batch: Batch) -> str:
-    """The task metric a batch implies: ``logit_diff`` with correct and wrong answers,
-    ``answer_logprob`` with only a correct one, else next-token ``ce``."""
+def faithfulness_metric(batch: Batch) -> str:
+    """The metric the causal effects are scored by when none is given: ``logit_diff`` with correct
+    and wrong answers, ``answer_logprob`` with only a correct one, else next-token ``ce``."""
     if batch.answer_pos is not None and batch.correct is not None:
         return "logit_diff" if batch.wrong is not None else "answer_logprob"
     return "ce"
@@ -97,47 +101,45 @@ def _intervention(
     return method, iv
 
 
-def causal_parts(
-    model: nn.Module,
-    batch: Batch,
-    *,
-    method: str | Intervention = "zero",
-    metric: str | Metric | None = None,
-    stats: StatsSource | None = None,
-    counterfactual: Batch | None = None,
-    heads: Sequence[tuple[int, int]] | None = None,
-    batch_size: int = 8,
-    skip: Container[str] = (),
-    on_forward: Callable[[int], None] | None = None,
-    layout: Layout | None = None,
-) -> Iterator[tuple[str, pd.DataFrame]]:
-    """Yield ``(key, table)`` per layer: every chosen head of the layer intervened on alone,
-    one row per example (columns :data:`EFFECT_COLUMNS`); keys in ``skip`` are not computed."""
-    layout = layout if layout is not None else describe(model)
-    m = get_metric(metric if metric is not None else default_metric(batch))
-    name, iv = _intervention(model, method, batch, stats, counterfactual)
-    by_layer = heads_by_layer(layout, heads)
-    if all(f"effect-L{ly:03d}" in skip for ly in by_layer):
-        return  # resumed with every part done: no clean pass needed
-    clean = run_plans(model, batch, [Plan()], [m], batch_size=batch_size, layout=layout)[0][m.name]
-    base = clean.per_example.double()  # [batch]
-    for ly in sorted(by_layer):
-        key = f"effect-L{ly:03d}"
-        if key in skip:
-            continue
+@dataclass(frozen=True)
+class EffectPart(Part):
+    """Each of ``heads`` of ``layer`` intervened on alone by ``method`` (an intervention name,
+    ``"patch"`` — activations of the context's :data:`COUNTERFACTUAL` batch — or an Intervention
+    value), scored by ``metric``: one row per example and head (:data:`EFFECT_COLUMNS`), key
+    ``effect-L###``."""
+
+    method: str | Intervention
+    metric: str | Metric
+    layer: int
+    heads: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"effect-L{self.layer:03d}"
+
+    def cost(self, ctx: Context) -> int:
+        return len(self.heads) * len(ctx.batch)
+
+    def run(self, ctx: Context, on_forward: Callable[[int], None] | None = None) -> pd.DataFrame:
+        m = get_metric(self.metric)
+        cf = ctx.batches.get(COUNTERFACTUAL)
+        name, iv = _intervention(ctx.model, self.method, ctx.batch, ctx.stats, cf)
+        common = dict(batch_size=ctx.batch_size, layout=ctx.layout, cache=ctx.cache)
+        clean = run_plans(ctx.model, ctx.batch, [Plan()], [m], **common)[0][m.name]
+        base = clean.per_example.double()  # [batch]
         results = ablate_each(
-            model, batch, iv, ly, by_layer[ly], [m], stats=stats, batch_size=batch_size,
-            on_forward=on_forward, layout=layout,
+            ctx.model, ctx.batch, iv, self.layer, self.heads, [m], stats=ctx.stats,
+            on_forward=on_forward, **common,
         )  # fmt: skip
         rows = []
-        for h, scores in zip(by_layer[ly], results, strict=True):
+        for h, scores in zip(self.heads, results, strict=True):
             value = scores[m.name].per_example.double()  # [batch]
             delta = value - base
             rows.append(
                 pd.DataFrame(
                     {
-                        "example": np.arange(len(batch)),
-                        "layer": ly,
+                        "example": np.arange(len(ctx.batch)),
+                        "layer": self.layer,
                         "head": h,
                         "method": name,
                         "metric": m.name,
@@ -150,12 +152,46 @@ def causal_parts(
                     columns=EFFECT_COLUMNS,
                 )
             )
-        yield key, pd.concat(rows, ignore_index=True)
+        return pd.concat(rows, ignore_index=True)
 
 
-def causal_effects(model: nn.Module, batch: Batch, **kwargs: Any) -> pd.DataFrame:
-    """Every part of :func:`causal_parts` in one per-example table."""
-    return pd.concat([t for _, t in causal_parts(model, batch, **kwargs)], ignore_index=True)
+def effect_parts(
+    layout: Layout,
+    batch: Batch,
+    *,
+    method: str | Intervention = "zero",
+    metric: str | Metric | None = None,
+    heads: Sequence[Head] | None = None,
+) -> list[EffectPart]:
+    """The causal effects as parts, layer by layer (default metric: :func:`faithfulness_metric`
+    of ``batch``; default heads: every head)."""
+    m = get_metric(metric if metric is not None else faithfulness_metric(batch))
+    if isinstance(method, str) and method != "patch":
+        intervention_from_name(method)  # a bad name fails before any forward
+    by_layer = heads_by_layer(layout, heads)
+    return [EffectPart(method, m.name, ly, tuple(by_layer[ly])) for ly in sorted(by_layer)]
+
+
+def causal_effects(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    method: str | Intervention = "zero",
+    metric: str | Metric | None = None,
+    stats: StatsSource | None = None,
+    counterfactual: Batch | None = None,
+    heads: Sequence[Head] | None = None,
+    batch_size: int = 8,
+    on_forward: Callable[[int], None] | None = None,
+    layout: Layout | None = None,
+) -> pd.DataFrame:
+    """Every chosen head intervened on alone: one row per example and head
+    (:data:`EFFECT_COLUMNS`), every :class:`EffectPart` of :func:`effect_parts` in one table."""
+    layout = layout if layout is not None else describe(model)
+    parts = effect_parts(layout, batch, method=method, metric=metric, heads=heads)
+    batches = {} if counterfactual is None else {COUNTERFACTUAL: counterfactual}
+    ctx = Context(model, layout, batch, stats, batch_size, batches)
+    return pd.concat([p.run(ctx, on_forward) for p in parts], ignore_index=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,7 +199,7 @@ class Faithfulness:
     """What :func:`plausibility_faithfulness` measured.
 
     Attributes:
-        table: one row per head (:data:`TABLE_COLUMNS`).
+        table: one row per head (:data:`headlab.analyses.attention.rank.TABLE_COLUMNS`).
         summary: one row: ``spearman`` (plausibility vs ``abs_effect``) with ``ci_low``,
             ``ci_high``, ``spearman_signed``, ``top_k_overlap``, ``chance_overlap`` ...
         mass: per-example attention mass (:func:`attention_mass`).
@@ -175,12 +211,12 @@ class Faithfulness:
     mass: pd.DataFrame
     effects: pd.DataFrame
 
-    def top(self, by: str = "plausibility", k: int = 5) -> list[tuple[int, int]]:
+    def top(self, by: str = "plausibility", k: int = 5) -> list[Head]:
         """The ``k`` first heads by ``plausibility`` or ``faithfulness`` rank."""
-        if by not in ("plausibility", "faithfulness"):
+        score = {"plausibility": "plausibility", "faithfulness": "abs_effect"}.get(by)
+        if score is None:
             raise ConfigError(f"by must be 'plausibility' or 'faithfulness', got {by!r}")
-        best = self.table.nsmallest(k, f"{by}_rank")
-        return [(int(r.layer), int(r.head)) for r in best.itertuples()]
+        return top_heads(self.table, score, k)  # the ranks' order: ties by layer, head
 
 
 def plausibility_faithfulness(
@@ -205,18 +241,14 @@ def plausibility_faithfulness(
 ) -> Faithfulness:
     """Rank every head by attention mass on a token set and by its exact causal effect, and
     compare the rankings (module docstring). ``keys``/``words``/``positions``/``tokenizer``: the
-    token set (:func:`headlab.analyses.attention.key_mask`); ``method``/``metric``/``stats``/
+    token set (:func:`headlab.analyses.attention.mass.key_mask`); ``method``/``metric``/``stats``/
     ``counterfactual``: the intervention (default metric: the one the batch implies)."""
     layout = layout if layout is not None else describe(model)
     mass = attention_mass(
         model, batch, keys=keys, words=words, positions=positions, tokenizer=tokenizer,
         batch_size=batch_size, layout=layout,
     )  # fmt: skip
-    if mass["value"].isna().all():
-        raise ConfigError(
-            f"no example has a key to measure under keys={mass['keys'].iloc[0]!r}; choose "
-            "another key set (e.g. 'context', or words that occur in the prompts)"
-        )
+    require_keys(mass)
     effects = causal_effects(
         model, batch, method=method, metric=metric, stats=stats, counterfactual=counterfactual,
         batch_size=batch_size, layout=layout, on_forward=on_forward,

@@ -1,5 +1,4 @@
-"""Attention mass on a token set (the raw attention-weight head score), plus re-exports of the
-pattern and rollout functions of :mod:`headlab.analyses.attention_maps`.
+"""Attention mass on a token set (the raw attention-weight head score).
 
 :func:`attention_mass`: per example and head, the attention that the *query positions* put on
 their *key set*, summed over the keys and averaged over the queries that have at least one key.
@@ -29,7 +28,9 @@ An example whose queries all have empty key sets is not measured (NaN).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,32 +38,24 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.attention_maps import (
-    attention_map,
-    attention_rollout,
-    check_context,
-    map_tensor,
-    prompt_batch,
-    token_labels,
-)
-from headlab.analyses.detect import attention_patterns, repeat_period
+from headlab.analyses.attention.maps import check_context
+from headlab.analyses.detect import repeat_period
 from headlab.batch import Batch
 from headlab.errors import ConfigError
+from headlab.hooks import intervene_at
 from headlab.interventions import Plan, StatsSource
+from headlab.models.attention import attention_patterns
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, Part
 
 __all__ = [
     "KEY_RULES",
-    "attention_map",
+    "MassPart",
     "attention_mass",
     "attention_mass_scores",
-    "attention_rollout",
-    "check_context",
     "key_mask",
-    "map_tensor",
-    "prompt_batch",
     "query_mask",
-    "token_labels",
+    "require_keys",
 ]
 
 #: accepted ``keys`` values of :func:`attention_mass`
@@ -194,9 +187,8 @@ def attention_mass(
     has = pairs.any(-1)  # [batch, q]: measured queries
     n_q = has.sum(-1).double()  # [batch]
     parts = []
-    for start, attn in attention_patterns(
-        model, batch, plan=plan, stats=stats, batch_size=batch_size
-    ):
+    around = partial(intervene_at, model, plan, stats=stats)
+    for start, attn in attention_patterns(model, batch, batch_size=batch_size, around=around):
         m = pairs[start : start + attn.shape[1]].double()  # [batch, q, k]
         per_q = torch.einsum("lbhqk,bqk->lbhq", attn.double(), m)  # [layer, batch, head, q]
         parts.append(per_q.sum(-1))  # [layer, batch, head]
@@ -242,12 +234,7 @@ def attention_mass_scores(
         model, batch, keys=keys, words=words, positions=positions, tokenizer=tokenizer,
         batch_size=batch_size, layout=layout,
     )  # fmt: skip
-    ok = per.dropna(subset=["value"])
-    if ok.empty:
-        raise ConfigError(
-            f"no example has a key to measure under keys={per['keys'].iloc[0]!r}; choose another "
-            "key set (e.g. 'context' or words that occur in the prompts)"
-        )
+    ok = require_keys(per).dropna(subset=["value"])
     agg = ok.groupby(["layer", "head"], sort=True)["value"].agg(["mean", "size"]).reset_index()
     return pd.DataFrame(
         {
@@ -258,3 +245,31 @@ def attention_mass_scores(
             "n": agg["size"].astype("int64"),
         }
     )
+
+
+def require_keys(mass: pd.DataFrame) -> pd.DataFrame:
+    """``mass`` (an :func:`attention_mass` table), refused if no example has a key to measure."""
+    if mass["value"].isna().all():
+        raise ConfigError(
+            f"no example has a key to measure under keys={mass['keys'].iloc[0]!r}; choose another "
+            "key set (e.g. 'context', or words that occur in the prompts; CLI: --keys, --tokens)"
+        )
+    return mass
+
+
+@dataclass(frozen=True)
+class MassPart(Part):
+    """Per example and head, the attention mass on the key set ``keys`` (``words``: these words,
+    read with the context's tokenizer): the plausibility part of ``headlab attention`` (key
+    ``mass``), an :func:`attention_mass` table, refused by :func:`require_keys` when empty."""
+
+    keys: str = "auto"
+    words: tuple[str, ...] | None = None
+    key: str = "mass"
+
+    def run(self, ctx: Context, on_forward: Callable[[int], None] | None = None) -> pd.DataFrame:
+        mass = attention_mass(
+            ctx.model, ctx.batch, keys=self.keys, words=self.words, tokenizer=ctx.tokenizer,
+            batch_size=ctx.batch_size, layout=ctx.layout,
+        )  # fmt: skip
+        return require_keys(mass)

@@ -4,8 +4,9 @@ causal effect (faithfulness), with a bootstrap over examples.
 :func:`compare_rankings` gives one row per head (:data:`TABLE_COLUMNS`: both scores and both
 1-based ranks, rank 1 = largest mass / largest ``|effect|``) and a one-row summary: ``spearman``
 (mass vs ``abs_effect`` over heads), ``spearman_signed`` (mass vs signed ``effect``), ``ci_low`` /
-``ci_high`` (bias-corrected percentile bootstrap over examples, :func:`bc_interval`),
-``top_k_overlap`` of the two top-k sets and its chance level ``k^2 / heads``.
+``ci_high`` (bias-corrected percentile bootstrap over examples,
+:func:`headlab.analyses.ranking.bc_interval`), ``top_k_overlap`` of the two top-k sets and its
+chance level ``k^2 / heads``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from headlab.analyses.ranking import bc_interval, rank_correlation, spearman
+from headlab.analyses.ranking import bc_interval, rank_correlation, spearman, topk_overlap
 from headlab.errors import ConfigError
 
-__all__ = ["TABLE_COLUMNS", "bc_interval", "compare_rankings"]
+__all__ = ["TABLE_COLUMNS", "compare_rankings"]
 
 TABLE_COLUMNS = [
     "layer", "head", "plausibility", "plausibility_rank", "effect", "abs_effect",
@@ -100,8 +101,8 @@ def compare_rankings(
     table = table[TABLE_COLUMNS].sort_values(["layer", "head"]).reset_index(drop=True)
 
     k = min(top_k, len(heads))
-    top_p = set(table.nsmallest(k, "plausibility_rank")[["layer", "head"]].itertuples(index=False))
-    top_f = set(table.nsmallest(k, "faithfulness_rank")[["layer", "head"]].itertuples(index=False))
+    # the ranks break ties by position, as topk_overlap does: the same two top-k sets
+    overlap = round(topk_overlap(table["plausibility"], table["abs_effect"], k) * k)
     rho = spearman(table["plausibility"], table["abs_effect"])
     lo = hi = math.nan
     if n_boot > 0 and len(w) > 1:
@@ -119,7 +120,7 @@ def compare_rankings(
                 "keys": table["keys"].iloc[0], "spearman": rho,
                 "spearman_signed": spearman(table["plausibility"], table["effect"]),
                 "ci_low": lo, "ci_high": hi, "ci": ci, "n_boot": n_boot, "top_k": k,
-                "top_k_overlap": len(top_p & top_f), "chance_overlap": k * k / len(heads),
+                "top_k_overlap": overlap, "chance_overlap": k * k / len(heads),
                 "n_heads": len(heads), "n_examples": len(w),
             }
         ]

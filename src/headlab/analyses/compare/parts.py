@@ -11,10 +11,11 @@ Measures, by name:
   Every ``atp:*`` measure and ``gradient`` come from one forward + backward: one part.
 - ``rollout``: head-level attention rollout from the target position to the context
   (:func:`headlab.analyses.estimate.rollout_per_example`).
-- ``attention``: the raw attention weight, :func:`headlab.analyses.attention.attention_mass`: the
-  head's attention from the scored positions onto their key set (``attention_keys``; ``auto``:
-  the earlier tokens except the first for a corpus, the induction targets on repeated sequences,
-  the answer's tokens for ``names``), averaged over queries.
+- ``attention``: the raw attention weight
+  (:func:`headlab.analyses.attention.mass.attention_mass`): the head's attention from the scored
+  positions onto their key set (``attention_keys``; ``auto``: the earlier tokens except the first
+  for a corpus, the induction targets on repeated sequences, the answer's tokens for ``names``),
+  averaged over queries.
 
 Every part returns ``{key: table}`` (one or more per-example tables, columns
 :data:`~headlab.analyses.compare.stats.PER_EXAMPLE_COLUMNS`, saved under their keys, e.g.
@@ -31,6 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from headlab.analyses.attention.mass import attention_mass
 from headlab.analyses.compare.stats import PER_EXAMPLE_COLUMNS
 from headlab.analyses.estimate import estimate_terms, rollout_per_example
 from headlab.analyses.sweep import ablate_each
@@ -140,10 +142,8 @@ def attention_per_example(
     batch_size: int = 8,
     layout: Layout | None = None,
 ) -> ComparePart:
-    """The raw attention-weight measure per example: :func:`headlab.analyses.attention.
-    attention_mass` (weight 0 for an example without keys to measure)."""
-    from headlab.analyses.attention import attention_mass
-
+    """The raw attention-weight measure per example: :func:`attention_mass` (weight 0 for an
+    example without keys to measure)."""
     mass = attention_mass(model, batch, keys=keys, batch_size=batch_size, layout=layout)
     ok = mass["value"].notna()
     table = mass.assign(
@@ -290,8 +290,6 @@ def compare_plan(
         parts.append(AttentionPart(attention_keys))
     for n in (n for n in names if n.startswith("ablation:")):
         parts.extend(
-            ExactPart(n, ly, metric)
-            for ly in range(layout.n_layers)
-            if part_key(n, ly) not in skip
+            ExactPart(n, ly, metric) for ly in range(layout.n_layers) if part_key(n, ly) not in skip
         )
     return parts

@@ -47,7 +47,14 @@ from headlab.interventions import (
 from headlab.metrics import Metric, Scores, get_metric
 from headlab.models.layout import Layout, call_model, describe
 
-__all__ = ["ESTIMATE_METHODS", "EstimateTerms", "check_methods", "estimate", "estimate_terms"]
+__all__ = [
+    "ESTIMATE_METHODS",
+    "EstimateTerms",
+    "check_methods",
+    "counterfactual_patch",
+    "estimate",
+    "estimate_terms",
+]
 
 #: accepted method names (``atp:peak:kde[:BW]``, ``atp:resample:SEED`` and ``atp:scale:A`` too)
 ESTIMATE_METHODS = (
@@ -257,9 +264,12 @@ class EstimateTerms:
     metric: str
 
 
-def _patch_for(
+def counterfactual_patch(
     model: nn.Module, batch: Batch, methods: Sequence[str], counterfactual: Batch | None
 ) -> Patch | None:
+    """The ``atp:patch`` replacement: the head outputs recorded on ``counterfactual`` (``None``
+    if ``methods`` lack ``atp:patch`` or no counterfactual is given), checked to match ``batch``
+    position by position."""
     if "atp:patch" not in methods or counterfactual is None:
         return None
     if counterfactual.seq_len != batch.seq_len or len(counterfactual) != len(batch):
@@ -320,7 +330,7 @@ def estimate_terms(
             "estimate_terms takes atp:* and gradient methods; rollout has its own "
             "rollout_per_example()"
         )
-    patch = _patch_for(model, batch, methods, counterfactual)
+    patch = counterfactual_patch(model, batch, methods, counterfactual)
     parsed = {m: _parse(m, stats, patch) for m in methods}
     return _terms(model, batch, get_metric(metric), layout, parsed, stats, batch_size)
 
@@ -357,7 +367,7 @@ def estimate(
     """
     layout = layout if layout is not None else describe(model)
     methods = check_methods(methods)
-    patch = _patch_for(model, batch, methods, counterfactual)
+    patch = counterfactual_patch(model, batch, methods, counterfactual)
     parsed = {m: _parse(m, stats, patch) for m in methods}
     grad_methods = {m: iv for m, iv in parsed.items() if m != "rollout"}
     tables: list[pd.DataFrame] = []

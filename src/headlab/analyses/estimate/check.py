@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from headlab.analyses.estimate.atp import estimate
+from headlab.analyses.estimate.atp import counterfactual_patch, estimate
 from headlab.analyses.ranking import spearman
 from headlab.analyses.sweep import sweep, tidy
 from headlab.batch import Batch
 from headlab.errors import ConfigError
-from headlab.hooks import record
 from headlab.interventions import Intervention, Patch, StatsSource, intervention_from_name
 from headlab.metrics import Metric, get_metric
 from headlab.models.layout import Layout, describe
@@ -106,10 +105,7 @@ def estimate_then_exact(
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(rest), size=min(n_random, len(rest)), replace=False)
     rand = [rest[i] for i in sorted(pick)]
-    patch = None
-    if method == "atp:patch" and counterfactual is not None:
-        device = next(model.parameters()).device
-        patch = Patch(record(model, counterfactual.to(device).model_inputs()))
+    patch = counterfactual_patch(model, batch, [method], counterfactual)
     iv = _exact_for(method, patch)
     exact = sweep(
         model,

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from headlab.analyses.detect import eager_attention
+from headlab.analyses.attention.maps import mixed_attention
 from headlab.batch import Batch
 from headlab.errors import ConfigError
+from headlab.models.attention import eager_attention
 from headlab.models.layout import Layout, call_model, describe
 
 __all__ = ["rollout_per_example", "rollout_scores"]
@@ -28,7 +29,8 @@ def rollout_scores(
     """Head-level rollout: mass routed from ``target`` to ``sources`` through each head.
 
     ``s[l, h] = e_t R_{L:l+1} (0.5 / H) A_{l,h} R_{l-1:1} 1_S`` with ``A~_l = 0.5 mean_h A_{l,h}
-    + 0.5 I`` and ``R`` products of ``A~`` (Abnar & Zuidema rollout split at layer ``l``).
+    + 0.5 I`` (:func:`headlab.analyses.attention.maps.mixed_attention`) and ``R`` products of
+    ``A~`` (Abnar & Zuidema rollout split at layer ``l``).
 
     Args:
         attentions: one ``[batch, head, pos, pos]`` pattern per layer (rows: queries).
@@ -40,14 +42,14 @@ def rollout_scores(
     """
     n_layers = len(attentions)
     _, n_heads, seq, _ = attentions[0].shape  # [batch, head, pos, pos]
-    eye = torch.eye(seq, dtype=torch.float64, device=attentions[0].device)
+    device = attentions[0].device
     att = [a.double() for a in attentions]
-    mixed = [0.5 * a.mean(1) + 0.5 * eye for a in att]  # [batch, pos, pos] each
-    below = [sources.double().to(eye.device)]  # v_l = R_{l-1:1} 1_S, [batch, pos]
+    mixed = [mixed_attention(a) for a in att]  # [batch, pos, pos] each
+    below = [sources.double().to(device)]  # v_l = R_{l-1:1} 1_S, [batch, pos]
     for ly in range(n_layers - 1):
         below.append(torch.einsum("bij,bj->bi", mixed[ly], below[-1]))
     above = [torch.zeros(0)] * n_layers  # u_l = e_t R_{L:l+1}, [batch, pos]
-    u = torch.nn.functional.one_hot(target.to(eye.device), seq).double()
+    u = torch.nn.functional.one_hot(target.to(device), seq).double()
     for ly in range(n_layers - 1, -1, -1):
         above[ly] = u
         u = torch.einsum("bi,bij->bj", u, mixed[ly])

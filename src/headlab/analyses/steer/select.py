@@ -33,7 +33,7 @@ are selected.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +49,11 @@ from headlab.heads import Head
 from headlab.hooks import blocks_of, record
 from headlab.metrics import Metric, Scores
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, Part
 
 __all__ = [
     "ConceptMass",
+    "SelectSweepPart",
     "concept_batch",
     "concept_dictionary",
     "control_token_sets",
@@ -279,14 +281,34 @@ def sweep_scores(
     *,
     batch_size: int = 8,
     layout: Layout | None = None,
+    on_forward: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
     """Zero-ablate each head alone; ``value`` = concept log-mass with the head ablated, ``effect``
     = how much the ablation lowers it (positive: the head promotes the concept); ranked."""
     metric = ConceptMass(tuple(int(t) for t in token_ids))
     table = sweep(
-        model, batch, methods=["zero"], metrics=[metric], batch_size=batch_size, layout=layout
-    )
+        model, batch, methods=["zero"], metrics=[metric], batch_size=batch_size, layout=layout,
+        on_forward=on_forward,
+    )  # fmt: skip
     return _ranked(table, "effect")
+
+
+@dataclass(frozen=True)
+class SelectSweepPart(Part):
+    """:func:`sweep_scores` of the concept's ``token_ids`` on ``ctx.batch`` (the selection
+    prompts) as one part, key ``select-sweep``."""
+
+    token_ids: tuple[int, ...]
+    key: str = "select-sweep"
+
+    def cost(self, ctx: Context) -> int:
+        return ctx.layout.n_layers * ctx.layout.n_heads * len(ctx.batch)
+
+    def run(self, ctx: Context, on_forward: Callable[[int], None] | None = None) -> pd.DataFrame:
+        return sweep_scores(
+            ctx.model, ctx.batch, self.token_ids, batch_size=ctx.batch_size, layout=ctx.layout,
+            on_forward=on_forward,
+        )  # fmt: skip
 
 
 def _ranked(table: pd.DataFrame, by: str) -> pd.DataFrame:

@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.gates import (
+from headlab.analyses.gates.chg import check_lambda, chg_penalty, init_theta
+from headlab.analyses.gates.core import (
     DataPass,
     Targets,
     _chunks,
-    check_count,
     check_rate,
     frozen,
     loss_targets,
@@ -42,13 +42,14 @@ from headlab.analyses.gates import (
     optimise,
     same_targets,
 )
-from headlab.analyses.gates_chg import check_lambda, chg_penalty, init_theta
 from headlab.batch import Batch
-from headlab.errors import ConfigError
+from headlab.errors import ConfigError, check_count
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, OnForward, Part
 
 __all__ = [
     "ContrastConfig",
+    "ContrastPart",
     "ContrastResult",
     "check_contrast",
     "contrast_table",
@@ -74,11 +75,11 @@ class ContrastConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_count(self.steps, "steps", "--steps")
+        check_count("steps", self.steps, hint="set --steps")
         check_lambda(self.lam)
         check_rate(self.margin, "margin", "--margin")
-        check_count(self.n_masks, "n_masks", "--masks")
-        check_count(self.rows_per_forward, "rows_per_forward", "--batch-size")
+        check_count("n_masks", self.n_masks, hint="set --masks")
+        check_count("rows_per_forward", self.rows_per_forward, hint="set --batch-size")
         check_rate(self.lr, "lr", "--lr")
         if self.lr_end is not None:
             check_rate(self.lr_end, "lr_end", "--lr-end")
@@ -96,6 +97,30 @@ class ContrastResult:
     curves: pd.DataFrame
     table: pd.DataFrame
     summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+@dataclass(frozen=True, eq=False)
+class ContrastPart(Part):
+    """The contrastive fit as a part of a job (key ``curve-contrast``): retain ``ctx.batch``,
+    forget ``ctx.batches[forget]``; returns the :class:`ContrastResult`. ``cost`` counts updates,
+    and ``on_forward`` is called once per update."""
+
+    config: ContrastConfig
+    forget: str = "forget"
+
+    @property
+    def key(self) -> str:
+        return "curve-contrast"
+
+    def cost(self, ctx: Context) -> int:
+        return self.config.steps
+
+    def run(self, ctx: Context, on_forward: OnForward | None = None) -> ContrastResult:
+        step = (lambda s, v: on_forward(1)) if on_forward is not None else None
+        return contrastive_chg(
+            ctx.model, ctx.batch, ctx.batches[self.forget], self.config, layout=ctx.layout,
+            on_step=step,
+        )  # fmt: skip
 
 
 def check_contrast(retain: Batch, forget: Batch) -> None:

@@ -25,29 +25,31 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.gates import (
-    check_count,
+from headlab.analyses.gates.core import (
     check_rate,
-    default_metric,
     frozen,
+    gate_metric,
     loss_targets,
     nll_pass,
     optimise,
 )
 from headlab.batch import Batch
 from headlab.engine import run_plans
-from headlab.errors import ConfigError
+from headlab.errors import ConfigError, check_count
 from headlab.interventions import Gate, Plan, Site, Zero
 from headlab.metrics import get_metric
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, OnForward, Part
 
 __all__ = [
     "L0Config",
-    "L0Result",
+    "L0FitPart",
+    "L0SweepResult",
     "check_l0_lambdas",
     "fit_l0",
     "hard_concrete",
     "hard_concrete_test",
+    "l0_evaluate",
     "l0_penalty",
     "l0_sweep",
 ]
@@ -107,9 +109,9 @@ class L0Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_count(self.steps, "steps", "--steps")
-        check_count(self.n_samples, "n_samples", "--samples")
-        check_count(self.rows_per_forward, "rows_per_forward", "--batch-size")
+        check_count("steps", self.steps, hint="set --steps")
+        check_count("n_samples", self.n_samples, hint="set --samples")
+        check_count("rows_per_forward", self.rows_per_forward, hint="set --batch-size")
         check_rate(self.lr, "lr", "--lr")
         check_rate(self.beta, "beta", "--beta")
         if not (self.l < 0 and self.r > 1):
@@ -180,8 +182,45 @@ def fit_l0(
     return log_alpha.detach().cpu(), curve
 
 
+@dataclass(frozen=True, eq=False)
+class L0FitPart(Part):
+    """The fit at one penalty weight as a part of a job (key ``curve-lam<lam>``): returns the
+    fitted ``log_alpha`` (``[layer, head]``) and the loss curve (with a ``lam`` column).
+    ``cost`` counts updates, and ``on_forward`` is called once per update."""
+
+    lam: float
+    config: L0Config
+
+    @property
+    def key(self) -> str:
+        return f"curve-lam{self.lam:g}"
+
+    def cost(self, ctx: Context) -> int:
+        return self.config.steps
+
+    def run(
+        self, ctx: Context, on_forward: OnForward | None = None
+    ) -> tuple[torch.Tensor, pd.DataFrame]:
+        step = (lambda s, v: on_forward(1)) if on_forward is not None else None
+        return self.run_on(ctx.model, ctx.batch, ctx.layout, on_step=step)
+
+    def run_on(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        layout: Layout,
+        *,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> tuple[torch.Tensor, pd.DataFrame]:
+        log_alpha, curve = fit_l0(
+            model, batch, self.lam, self.config, layout=layout, on_step=on_step
+        )
+        curve.insert(0, "lam", float(self.lam))
+        return log_alpha, curve
+
+
 @dataclass
-class L0Result:
+class L0SweepResult:
     """``table``: one row per penalty weight; ``heads``: one row per (weight, head);
     ``log_alphas``: fitted ``[layer, head]`` per weight; ``curves``: loss curves."""
 
@@ -209,7 +248,7 @@ def l0_sweep(
     on_fit: Callable[[float, torch.Tensor, pd.DataFrame], None] | None = None,
     on_step: Callable[[float, int, dict[str, float]], None] | None = None,
     heldout: Batch | None = None,
-) -> L0Result:
+) -> L0SweepResult:
     """Fit gates at each penalty weight and measure the metric with the deterministic gates.
 
     ``table`` columns: ``lam, n_kept, frac_kept, metric, value`` (deterministic gates),
@@ -220,7 +259,7 @@ def l0_sweep(
     config = config or L0Config()
     check_l0_lambdas(list(lams))
     layout = layout or describe(model)
-    metric = metric or default_metric(batch)
+    metric = metric or gate_metric(batch)
     get_metric(metric)
     fitted = {float(k): v for k, v in (done or {}).items()}
     curves = []
@@ -228,15 +267,34 @@ def l0_sweep(
         if float(lam) in fitted:
             continue
         cb = (lambda s, v, lam=lam: on_step(lam, s, v)) if on_step else None
-        log_alpha, curve = fit_l0(model, batch, lam, config, layout=layout, on_step=cb)
-        curve.insert(0, "lam", float(lam))
+        log_alpha, curve = L0FitPart(float(lam), config).run_on(model, batch, layout, on_step=cb)
         fitted[float(lam)] = log_alpha
         curves.append(curve)
         if on_fit is not None:
             on_fit(float(lam), log_alpha, curve)
+    table, heads = l0_evaluate(
+        model, batch, lams, fitted, config, metric=metric, layout=layout, heldout=heldout
+    )
+    curve_table = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    return L0SweepResult(table, heads, fitted, curve_table)
+
+
+def l0_evaluate(
+    model: nn.Module,
+    batch: Batch,
+    lams: Sequence[float],
+    log_alphas: Mapping[float, torch.Tensor],
+    config: L0Config,
+    *,
+    metric: str,
+    layout: Layout,
+    heldout: Batch | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``table`` and ``heads`` of :func:`l0_sweep` from the fitted ``log_alphas`` (``[layer,
+    head]`` per penalty weight, keyed by ``float(lam)``)."""
     plans, head_rows = [Plan()], []
     for lam in lams:
-        gates = hard_concrete_test(fitted[float(lam)], config)  # [layer, head]
+        gates = hard_concrete_test(log_alphas[float(lam)], config)  # [layer, head]
         pruned = [(ly, h) for ly, h in layout.heads() if float(gates[ly, h]) <= 0.0]
         plans += [gate_value_plan(gates), Plan.heads(pruned, Zero()) if pruned else Plan()]
         for ly, h in layout.heads():
@@ -245,7 +303,7 @@ def l0_sweep(
                     "lam": float(lam),
                     "layer": ly,
                     "head": h,
-                    "log_alpha": float(fitted[float(lam)][ly, h]),
+                    "log_alpha": float(log_alphas[float(lam)][ly, h]),
                     "gate": float(gates[ly, h]),
                     "kept": bool(gates[ly, h] > 0),
                 }
@@ -253,9 +311,8 @@ def l0_sweep(
     scores = run_plans(
         model, batch, plans, [metric], layout=layout, batch_size=config.rows_per_forward
     )
-    nll = _nll_of(
-        model, batch, [hard_concrete_test(fitted[float(x)], config) for x in lams], layout, config
-    )
+    deterministic = [hard_concrete_test(log_alphas[float(x)], config) for x in lams]
+    nll = _nll_of(model, batch, deterministic, layout, config)
     baseline = scores[0][metric].mean
     n_heads = layout.n_layers * layout.n_heads
     rows = []
@@ -287,8 +344,7 @@ def l0_sweep(
         )  # the clean plan, then each weight's deterministic gates
         table["value_heldout"] = [h[metric].mean for h in held[1:]]
         table["baseline_heldout"] = held[0][metric].mean
-    curve_table = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    return L0Result(table, pd.DataFrame(head_rows), fitted, curve_table)
+    return table, pd.DataFrame(head_rows)
 
 
 def _nll_of(

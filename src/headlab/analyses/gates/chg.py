@@ -33,9 +33,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.gates import (
+from headlab.analyses.gates.core import (
     Targets,
-    check_count,
     check_rate,
     frozen,
     loss_targets,
@@ -44,12 +43,14 @@ from headlab.analyses.gates import (
     optimise,
 )
 from headlab.batch import Batch
-from headlab.errors import ConfigError
+from headlab.errors import ConfigError, check_count
 from headlab.models.layout import Layout, describe
+from headlab.parts import Context, OnForward, Part
 
 __all__ = [
     "FITS",
     "CHGConfig",
+    "CHGFitPart",
     "CHGResult",
     "check_lambda",
     "chg",
@@ -58,6 +59,7 @@ __all__ = [
     "gate_nll",
     "head_taxonomy",
     "init_theta",
+    "label_fits",
 ]
 
 #: the three fits, in the order they run
@@ -120,12 +122,12 @@ class CHGConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_count(self.steps, "steps", "--steps")
+        check_count("steps", self.steps, hint="set --steps")
         if self.reg_steps is not None:
-            check_count(self.reg_steps, "reg_steps", "--reg-steps")
+            check_count("reg_steps", self.reg_steps, hint="set --reg-steps")
         check_lambda(self.lam)
-        check_count(self.n_masks, "n_masks", "--masks")
-        check_count(self.rows_per_forward, "rows_per_forward", "--batch-size")
+        check_count("n_masks", self.n_masks, hint="set --masks")
+        check_count("rows_per_forward", self.rows_per_forward, hint="set --batch-size")
         check_rate(self.lr, "lr", "--lr")
         if self.lr_end is not None:
             check_rate(self.lr_end, "lr_end", "--lr-end")
@@ -197,6 +199,62 @@ def fit_theta(
     return theta.detach().cpu(), curve
 
 
+@dataclass(frozen=True, eq=False)
+class CHGFitPart(Part):
+    """One of the three fits as a part of a job (key ``curve-<fit>``): it returns the fitted
+    ``theta`` (``[mask, layer, head]``) and the loss curve (with a ``fit`` column).
+
+    ``zero`` is the ``zero`` fit's ``theta``, the start of the ``plus`` and ``minus`` fits (clipped
+    when ``config.start_clipped``); ``None`` for the ``zero`` fit itself, which starts from
+    ``G ~ U(0, 1)``. ``cost`` counts updates, and ``on_forward`` is called once per update.
+    """
+
+    fit: str
+    config: CHGConfig
+    zero: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if (self.fit == "zero") != (self.zero is None):
+            raise ValueError("the plus and minus fits (and only they) start from the zero fit")
+
+    @property
+    def key(self) -> str:
+        return f"curve-{self.fit}"
+
+    def cost(self, ctx: Context) -> int:
+        return self.config.steps_of(self.fit)
+
+    def run(
+        self, ctx: Context, on_forward: OnForward | None = None
+    ) -> tuple[torch.Tensor, pd.DataFrame]:
+        step = (lambda s, v: on_forward(1)) if on_forward is not None else None
+        return self.run_on(ctx.model, ctx.batch, ctx.layout, on_step=step)
+
+    def run_on(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        layout: Layout,
+        *,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> tuple[torch.Tensor, pd.DataFrame]:
+        c = self.config
+        if self.zero is None:
+            start = init_theta((c.n_masks, layout.n_layers, layout.n_heads), c.seed)
+        elif c.start_clipped:
+            start = self.zero.clamp(-c.clip, c.clip)
+        else:
+            start = self.zero
+        theta, curve = fit_theta(
+            model, batch, start, c.lam_of(self.fit), c.steps_of(self.fit), c, layout=layout,
+            on_step=on_step,
+        )  # fmt: skip
+        curve.insert(0, "fit", self.fit)
+        return theta, curve
+
+
 def chg(
     model: nn.Module,
     batch: Batch,
@@ -219,37 +277,35 @@ def chg(
     loss_targets(batch)  # fail before any work if the loss mask is empty
     thetas = dict(done or {})
     curves = []
-    shape = (config.n_masks, layout.n_layers, layout.n_heads)
     for fit in FITS:
         if fit in thetas:
             continue
-        if fit == "zero":
-            start = init_theta(shape, config.seed)
-        elif config.start_clipped:
-            start = thetas["zero"].clamp(-config.clip, config.clip)
-        else:
-            start = thetas["zero"]
+        part = CHGFitPart(fit, config, None if fit == "zero" else thetas["zero"])
         step_cb = (lambda s, v, fit=fit: on_step(fit, s, v)) if on_step else None
-        theta, curve = fit_theta(
-            model,
-            batch,
-            start,
-            config.lam_of(fit),
-            config.steps_of(fit),
-            config,
-            layout=layout,
-            on_step=step_cb,
-        )
-        curve.insert(0, "fit", fit)
+        theta, curve = part.run_on(model, batch, layout, on_step=step_cb)
         thetas[fit] = theta
         curves.append(curve)
         if on_fit is not None:
             on_fit(fit, theta, curve)
+    table, summary = label_fits(model, batch, thetas, config, layout=layout)
+    curve_table = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    return CHGResult(thetas, curve_table, table, summary)
+
+
+def label_fits(
+    model: nn.Module,
+    batch: Batch,
+    thetas: Mapping[str, torch.Tensor],
+    config: CHGConfig,
+    *,
+    layout: Layout,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The head table (:func:`head_taxonomy`) of the three fitted ``theta`` and the NLL of
+    ``batch`` under each fit's gates (:func:`gate_nll`, rows in the order of ``thetas``)."""
     gates = {k: torch.sigmoid(v) for k, v in thetas.items()}
     table = head_taxonomy(thetas["zero"], thetas["plus"], thetas["minus"], config.threshold)
     summary = gate_nll(model, batch, gates, layout=layout, rows_per_forward=config.rows_per_forward)
-    curve_table = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    return CHGResult(thetas, curve_table, table, summary)
+    return table, summary
 
 
 def _label(g_plus: np.ndarray, g_minus: np.ndarray, t: float) -> np.ndarray:

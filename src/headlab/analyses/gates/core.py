@@ -11,8 +11,9 @@ the next-token targets of ``target_mask``, the ``correct`` token at ``answer_pos
 masked-LM labels, or class labels. Logits are computed only where a target is read.
 
 :func:`optimise` is the one training loop (Adam, optional linear learning-rate decay, gradient-norm
-clipping, gradient accumulation over sub-batches); Causal Head Gating (:mod:`.gates_chg`) and
-hard-concrete L0 gates (:mod:`.gates_l0`) only supply the gate parametrisation and the penalty.
+clipping, gradient accumulation over sub-batches); Causal Head Gating (:mod:`.chg`, contrastive:
+:mod:`.contrast`) and hard-concrete L0 gates (:mod:`.l0`) only supply the gate parametrisation and
+the penalty.
 """
 
 from __future__ import annotations
@@ -35,17 +36,19 @@ from headlab.metrics import next_token_mask
 from headlab.models.layout import Layout, call_model
 
 __all__ = [
+    "DataPass",
     "MaskGate",
     "Targets",
     "accumulate_gradient",
-    "check_count",
     "check_rate",
-    "default_metric",
     "frozen",
+    "gate_metric",
     "gate_plan",
     "loss_targets",
     "masked_nll",
+    "nll_pass",
     "optimise",
+    "same_targets",
 ]
 
 
@@ -305,21 +308,16 @@ def optimise(
     return pd.DataFrame(rows)
 
 
-def check_count(value: int, name: str, flag: str) -> None:
-    """Raise unless ``value`` is a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}; set {flag}")
-
-
 def check_rate(value: float, name: str, flag: str) -> None:
     """Raise unless ``value`` is a finite positive number."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ConfigError(f"{name} must be a finite positive number, got {value!r}; set {flag}")
 
 
-def default_metric(batch: Batch) -> str:
-    """The metric matching the batch's loss targets: ``ce`` for next-token targets,
-    ``answer_logprob`` for answer tasks, ``mlm_ce`` for masked-LM labels, ``cls_ce`` for classes."""
+def gate_metric(batch: Batch) -> str:
+    """The metric that scores what the gates are fitted to (the batch's loss targets): ``ce`` for
+    next-token targets, ``answer_logprob`` for answer tasks, ``mlm_ce`` for masked-LM labels,
+    ``cls_ce`` for classes."""
     kind = loss_targets(batch).kind
     return {"answer": "answer_logprob", "mlm": "mlm_ce", "class": "cls_ce"}.get(kind, "ce")
 

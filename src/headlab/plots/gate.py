@@ -1,4 +1,5 @@
-"""Figures of gate fits: each takes a tidy table and returns a matplotlib Figure (no pyplot)."""
+"""Figures of ``headlab gate``: gate maps, the head taxonomy and loss curves, each from a tidy
+table (no pyplot; nothing is shown or saved here)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from headlab.plots import head_grid
+from headlab.plots.base import head_grid
 
-__all__ = ["gate_heatmap", "l0_tradeoff", "label_map", "loss_curves"]
+__all__ = ["chg_figures", "contrast_figures", "gate_heatmap", "label_map", "loss_curves"]
 
 LABEL_COLOURS = {
     "facilitating": "#1b9e77",
@@ -82,34 +83,20 @@ def loss_curves(curves: pd.DataFrame, by: str, *, value: str = "loss") -> Figure
     return fig
 
 
-def l0_tradeoff(table: pd.DataFrame) -> Figure:
-    """Heads kept against the metric (deterministic gates and binary pruning, and the held-out
-    split where the table has it), one point per penalty weight, with the clean model's value
-    as a dotted line."""
-    t = table.sort_values("n_kept")
-    fig = Figure(figsize=(5.5, 3.5))
-    ax = fig.add_subplot()
-    ax.plot(t["n_kept"], t["value"], "o-", label="deterministic gates")
-    ax.plot(t["n_kept"], t["value_binary"], "s--", alpha=0.7, label="kept heads on, rest zeroed")
-    ax.axhline(float(t["baseline"].iloc[0]), color="grey", ls=":", label="all heads")
-    if "value_heldout" in t:
-        ax.plot(t["n_kept"], t["value_heldout"], "^-.", color="C2", label="held-out split")
-        ax.axhline(
-            float(t["baseline_heldout"].iloc[0]),
-            color="C2",
-            ls=":",
-            alpha=0.6,
-            label="all heads, held-out",
-        )
-    for r in t.itertuples():
-        ax.annotate(
-            f"λ={r.lam:g}",
-            (r.n_kept, r.value),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("heads kept")
-    ax.set_ylabel(str(t["metric"].iloc[0]))
-    ax.legend(fontsize=7)
-    return fig
+def chg_figures(table: pd.DataFrame, curves: pd.DataFrame) -> dict[str, Figure]:
+    """The figures of a CHG run: ``G+`` and ``G-`` maps, the taxonomy and the loss curves."""
+    return {
+        "gate_plus.png": gate_heatmap(table, "g_plus", title="G+ (fit with +lam: keep)"),
+        "gate_minus.png": gate_heatmap(table, "g_minus", title="G- (fit with -lam: remove)"),
+        "labels.png": label_map(table, title="CHG head taxonomy"),
+        "loss_curves.png": loss_curves(curves, "fit"),
+    }
+
+
+def contrast_figures(table: pd.DataFrame, curves: pd.DataFrame) -> dict[str, Figure]:
+    """The figures of a contrastive CHG run: the gate map, the roles and the loss curves."""
+    return {
+        "gate_contrast.png": gate_heatmap(table, "g", title="contrastive gates (low: forget)"),
+        "roles.png": label_map(table, "role", title="contrastive CHG roles"),
+        "loss_curves.png": loss_curves(curves, "mask"),
+    }

@@ -13,23 +13,22 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from headlab.analyses.gates import default_metric
+from headlab.analyses.gates.core import gate_metric
 from headlab.batch import Batch
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
+from headlab.heads import Head, top_heads
 from headlab.interventions import Plan, Zero
 from headlab.metrics import get_metric
 from headlab.models.layout import Layout, describe
 
-__all__ = ["ablate_groups", "label_groups", "validate_labels", "validation_summary"]
-
-Heads = list[tuple[int, int]]
-
-
-def _top(table: pd.DataFrame, score: str, k: int, where: pd.Series | None = None) -> Heads:
-    sub = table if where is None else table[where]
-    sub = sub.sort_values([score, "layer", "head"], ascending=[False, True, True]).head(k)
-    return [(int(r.layer), int(r.head)) for r in sub.itertuples()]
+__all__ = [
+    "ablate_groups",
+    "label_groups",
+    "validate_contrast",
+    "validate_labels",
+    "validation_summary",
+]
 
 
 def label_groups(
@@ -41,7 +40,7 @@ def label_groups(
     top: str = "facilitating",
     bottom: str | None = "interfering",
     label: str = "label",
-) -> dict[str, Heads]:
+) -> dict[str, list[Head]]:
     """Head sets to ablate: ``top`` (the ``k`` highest ``top`` scores), ``bottom`` (heads
     labelled ``bottom``, at most ``k``, highest score first; omitted when none is), and
     ``random:0 .. random:n-1`` (``k`` heads drawn uniformly without replacement)."""
@@ -49,9 +48,9 @@ def label_groups(
         raise ConfigError(f"k (heads to ablate per group) must be a positive integer, got {k!r}")
     if k > len(table):
         raise ConfigError(f"k = {k} exceeds the {len(table)} heads of the model; use a smaller k")
-    groups = {top: _top(table, top, k)}
+    groups = {top: top_heads(table, top, k)}
     if bottom is not None:
-        chosen = _top(table, bottom, k, table[label] == bottom)
+        chosen = top_heads(table, bottom, k, where=table[label] == bottom)
         if chosen:
             groups[bottom] = chosen
     every = [(int(r.layer), int(r.head)) for r in table.itertuples()]
@@ -65,7 +64,7 @@ def label_groups(
 def ablate_groups(
     model: nn.Module,
     batch: Batch,
-    groups: Mapping[str, Sequence[tuple[int, int]]],
+    groups: Mapping[str, Sequence[Head]],
     *,
     metric: str | None = None,
     layout: Layout | None = None,
@@ -77,7 +76,7 @@ def ablate_groups(
     effect`` (``delta`` oriented so that positive means the ablation hurts).
     """
     layout = layout or describe(model)
-    metric = metric or default_metric(batch)
+    metric = metric or gate_metric(batch)
     m = get_metric(metric)
     names = list(groups)
     plans = [Plan()] + [Plan.heads(list(groups[n]), Zero()) for n in names]
@@ -120,6 +119,30 @@ def validate_labels(
     to ``k``) interfering heads of a CHG head table; see :func:`ablate_groups` for columns."""
     groups = label_groups(table, k=k, n_random=n_random, seed=seed)
     return ablate_groups(model, batch, groups, metric=metric, layout=layout, batch_size=batch_size)
+
+
+def validate_contrast(
+    model: nn.Module,
+    retain: Batch,
+    forget: Batch,
+    table: pd.DataFrame,
+    *,
+    k: int = 5,
+    n_random: int = 5,
+    seed: int = 0,
+    metric: str | None = None,
+    layout: Layout | None = None,
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """Ablate the top-``k`` forget-specific heads of a contrastive head table and ``n_random``
+    random sets of ``k`` heads, on the retain set (scored by ``metric``) and on the forget set
+    (scored by its own :func:`gate_metric`); groups are suffixed ``@retain`` / ``@forget``."""
+    groups = label_groups(table, k=k, n_random=n_random, seed=seed, top="forget_score", bottom=None)
+    parts = []
+    for name, batch, m in (("retain", retain, metric), ("forget", forget, None)):
+        part = ablate_groups(model, batch, groups, metric=m, layout=layout, batch_size=batch_size)
+        parts.append(part.assign(group=part["group"] + f"@{name}"))
+    return pd.concat(parts, ignore_index=True)
 
 
 def validation_summary(results: pd.DataFrame) -> pd.DataFrame:
