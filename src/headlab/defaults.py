@@ -12,3 +12,7 @@ DEFAULT_GATE_MASKS = 2
 DEFAULT_L0_STEPS = 100
 #: the penalty weights ``headlab l0`` sweeps
 DEFAULT_L0_LAMBDAS = (0.01, 0.1, 0.3, 1.0, 3.0)
+
+# -- models larger than one device ---------------------------------------------------------------
+#: the device maps accelerate computes (``--device-map``); a dict names each module's device
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

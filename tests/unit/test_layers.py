@@ -17,6 +17,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "headlab"
 LAYERS = [
     ("headlab.errors", 0),
     ("headlab.defaults", 0),
+    ("headlab.memory", 0),
     ("headlab.models", 1),
     ("headlab.batch", 1),
     ("headlab.interventions", 2),

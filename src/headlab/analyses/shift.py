@@ -34,7 +34,7 @@ from headlab.heads import Head
 from headlab.hooks import BlockOutput, blocks_of, capture_blocks, intervene
 from headlab.interventions import Intervention, Plan, StatsSource, example_offset
 from headlab.interventions import intervention_from_name as _parse
-from headlab.models.layout import Layout, call_model, describe
+from headlab.models.layout import Layout, call_model, describe, input_device
 from headlab.parts import Context, OnForward, Part
 
 __all__ = ["COLUMNS", "Condition", "ShiftPart", "conditions", "part_key", "shift", "shift_plan"]
@@ -177,7 +177,7 @@ def _residuals(
     ref: tuple | None,
     skip_first: bool,
 ) -> None:
-    device = next(model.parameters()).device
+    device = input_device(model)
     for i, chunk in enumerate(batch.chunks(batch_size)):
         got: dict[int, BlockOutput] = {}
         with ExitStack() as stack:

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from headlab.defaults import DEFAULT_MODEL
+from headlab.defaults import DEFAULT_MODEL, DEVICE_MAPS
+from headlab.memory import parse_max_memory
 
 if TYPE_CHECKING:
     from headlab.models.layout import Layout
@@ -41,6 +42,40 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="load pickled pytorch_model.bin weights when the folder has no safetensors file "
         "(unpickling can run code; converting to safetensors is safer)",
     )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        choices=DEVICE_MAPS,
+        help="spread a model too large for one device over the GPUs, the CPU and (with "
+        "--offload-folder) the disk, with accelerate; same numbers as unsplit. Without a GPU, "
+        "auto keeps the model on the CPU. Not with --device",
+    )
+    g.add_argument(
+        "--max-memory",
+        type=max_memory_arg,
+        default=None,
+        metavar="DEV=SIZE,...",
+        help="what each device may hold with --device-map, e.g. cpu=2GiB,0=10GiB (devices: cpu, "
+        "mps, a GPU index or cuda:N; sizes: bytes or KB/MB/GB/TB, KiB/MiB/GiB/TiB); devices "
+        "not named get nothing (default: what is free)",
+    )
+    g.add_argument(
+        "--offload-folder",
+        default=None,
+        metavar="DIR",
+        help="with --device-map: allow disk offload, reading what fits nowhere else from disk "
+        "before each module runs (exact, but slow); without it a model that does not fit is "
+        "refused before any work",
+    )
+
+
+def max_memory_arg(text: str) -> dict[int | str, int]:
+    """The argparse ``type`` of ``--max-memory``: ``"cpu=2GiB,0=10GiB"`` -> bytes per device (a
+    malformed value is a usage error)."""
+    try:
+        return parse_max_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_data_args(
@@ -109,6 +144,67 @@ def add_run_args(p: argparse.ArgumentParser, *, default_out: str | None = None) 
         help="examples per forward pass",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+
+
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """Where the parts run: ``--executor``, ``--ray-address``, ``--workers``,
+    ``--gpus-per-worker`` (not part of the run's identity: a run resumes on either executor)."""
+    g = p.add_argument_group("executor (where the parts run; the results are the same)")
+    g.add_argument(
+        "--executor",
+        default="serial",
+        choices=["serial", "ray"],
+        help="serial: in this process (default); ray: on Ray workers, each loading the model "
+        "once (needs pip install 'headlab[ray]')",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster to join: HOST:PORT of its head node, or 'auto' (the cluster `ray start` "
+        "runs on this node); default: start a local cluster for this run",
+    )
+    g.add_argument(
+        "--workers",
+        type=positive_int("--workers"),
+        default=None,
+        metavar="N",
+        help="Ray workers (default: one per GPU with --gpus-per-worker 1, else one per T CPUs of "
+        "the cluster, T = torch threads of this process, which every worker uses too)",
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=non_negative_float("--gpus-per-worker"),
+        default=0.0,
+        metavar="F",
+        help="GPUs each Ray worker reserves (1: one worker per GPU, with --device cuda; "
+        "default 0: CPU workers)",
+    )
+
+
+def executor_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "executor": args.executor,
+        "ray_address": args.ray_address,
+        "workers": args.workers,
+        "gpus_per_worker": args.gpus_per_worker,
+    }
+
+
+def non_negative_float(option: str) -> Callable[[str], float]:
+    """An argparse ``type`` for a number >= 0 (``--gpus-per-worker``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{option} must be a number >= 0, got {text}")
+        return value
+
+    parse.__name__ = "a number >= 0"
+    return parse
 
 
 def csv_list(text: str) -> list[str]:
@@ -182,6 +278,9 @@ def data_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "seed": args.seed,
         "trust_remote_code": args.trust_remote_code,
         "allow_pickle": args.allow_pickle,
+        "device_map": args.device_map,
+        "max_memory": args.max_memory,
+        "offload_folder": args.offload_folder,
     }
 
 

@@ -6,10 +6,12 @@ import argparse
 
 from headlab.cli.common import (
     add_data_args,
+    add_executor_args,
     add_model_args,
     add_run_args,
     csv_list,
     data_kwargs,
+    executor_kwargs,
     positive_int,
     status,
 )
@@ -43,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--top", type=positive_int("--top"), default=5, help="heads to print per detector"
     )
     add_run_args(p)
+    add_executor_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         top=args.top,
         batch_size=args.batch_size,
         force=args.force,
+        **executor_kwargs(args),
         progress=not args.quiet,
         on_status=status(args),
         command=command_line(),

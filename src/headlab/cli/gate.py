@@ -10,9 +10,11 @@ import argparse
 
 from headlab.cli.common import (
     add_data_args,
+    add_executor_args,
     add_model_args,
     add_run_args,
     data_kwargs,
+    executor_kwargs,
     non_negative_int,
     positive_int,
     status,
@@ -90,6 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     v.add_argument("--metric", default=None, help="validation metric (default: the task's)")
     add_run_args(p)
+    add_executor_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric,
         batch_size=args.batch_size,
         force=args.force,
+        **executor_kwargs(args),
         progress=not args.quiet,
         on_status=status(args),
         command=command_line(),

@@ -9,10 +9,12 @@ import argparse
 
 from headlab.cli.common import (
     add_data_args,
+    add_executor_args,
     add_model_args,
     add_run_args,
     csv_list,
     data_kwargs,
+    executor_kwargs,
     positive_int,
     status,
 )
@@ -49,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--metric", default=None, help="evaluation metric (default: the task's)")
     add_run_args(p)
+    add_executor_args(p)
 
 
 def parse_lams(text: str) -> list[float]:
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric,
         batch_size=args.batch_size,
         force=args.force,
+        **executor_kwargs(args),
         progress=not args.quiet,
         on_status=status(args),
         command=command_line(),

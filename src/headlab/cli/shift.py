@@ -7,11 +7,13 @@ import argparse
 
 from headlab.cli.common import (
     add_data_args,
+    add_executor_args,
     add_model_args,
     add_run_args,
     add_stats_args,
     csv_list,
     data_kwargs,
+    executor_kwargs,
     parse_heads,
     positive_int,
     status,
@@ -46,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_stats_args(p)
     add_run_args(p)
+    add_executor_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         reservoir=args.reservoir,
         batch_size=args.batch_size,
         force=args.force,
+        **executor_kwargs(args),
         progress=not args.quiet,
         on_status=status(args),
         command=command_line(),

@@ -12,8 +12,10 @@ import math
 from pathlib import Path
 
 from headlab.cli.common import (
+    add_executor_args,
     add_model_args,
     add_run_args,
+    executor_kwargs,
     float_list,
     non_negative_int,
     parse_heads,
@@ -147,6 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     o.add_argument("--n-task", type=positive_int("--n-task"), default=16, help="task examples")
     add_run_args(p)
+    add_executor_args(p)
 
 
 def _lines(path: str | None) -> list[str] | None:
@@ -196,8 +199,12 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
         batch_size=args.batch_size,
         force=args.force,
+        **executor_kwargs(args),
         progress=not args.quiet,
         on_status=status(args),
         command=command_line(),

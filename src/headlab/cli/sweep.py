@@ -6,10 +6,12 @@ import argparse
 
 from headlab.cli.common import (
     add_data_args,
+    add_executor_args,
     add_model_args,
     add_run_args,
     csv_list,
     data_kwargs,
+    executor_kwargs,
     non_negative_int,
     parse_heads,
     positive_int,
@@ -59,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="statistics inputs kept as donors for resample ablation",
     )
     add_run_args(p)
+    add_executor_args(p)
     p.add_argument("--top", type=positive_int("--top"), default=5, help="heads to print per method")
 
 
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         reservoir=args.reservoir,
         batch_size=args.batch_size,
         force=args.force,
+        **executor_kwargs(args),
         progress=not args.quiet,
         on_status=status(args),
         command=command_line(),

@@ -14,7 +14,7 @@ from headlab.engine.score import _Clean, _full_logits, _logits_of, _plain_head, 
 from headlab.errors import HeadlabError
 from headlab.hooks import BlockOutput, capture_blocks, tap_output_head
 from headlab.metrics import Metric
-from headlab.models.layout import call_model
+from headlab.models.layout import call_model, input_device
 
 
 class CleanCache:
@@ -103,7 +103,7 @@ def _measured_clean_run(
     window_tokens: int,
 ) -> _Clean:
     """:func:`_clean_run`, recording its peak GPU memory per token on CUDA."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     if device.type != "cuda":
         return _clean_run(model, chunk, ms, blocks, window_tokens)
     torch.cuda.synchronize(device)

@@ -24,7 +24,7 @@ from headlab.hooks import (
 )
 from headlab.interventions import Plan, StatsSource, example_offset
 from headlab.metrics import Metric, Scores, get_metric
-from headlab.models.layout import Layout, call_model, describe
+from headlab.models.layout import Layout, call_model, describe, input_device
 
 
 def _run_group(
@@ -139,7 +139,7 @@ def run_plans(
     if max_logit_tokens < 2:
         raise ConfigError(f"max_logit_tokens must be at least 2, got {max_logit_tokens}")
     seq = max(batch.seq_len, 1)
-    device = next(model.parameters()).device
+    device = input_device(model)
     auto = max_batch_tokens == "auto"
     rows, budget = _budget(None if auto else max_batch_tokens, seq, batch_size)
     blocks = None

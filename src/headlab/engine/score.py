@@ -17,7 +17,7 @@ from headlab.errors import ConfigError
 from headlab.hooks import BlockOutput
 from headlab.metrics import CrossEntropy, KLFromClean, Metric, Scores, TopK
 from headlab.metrics.tokens import _target_mask
-from headlab.models.layout import call_model
+from headlab.models.layout import call_model, input_device
 
 #: metrics scored position by position from next-token logits (safe to window)
 _WINDOWED = (CrossEntropy, TopK, KLFromClean)
@@ -37,7 +37,7 @@ def _logits_of(out: object, model: nn.Module) -> torch.Tensor:
 
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The model's logits on ``batch`` (``[batch, pos, vocab]`` or ``[batch, classes]``)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     return _logits_of(call_model(model, batch.to(device).model_inputs()), model)
 
 

@@ -67,7 +67,10 @@ def replay_blocks(
     The model's own forward still runs everything around the blocks (embeddings, masks,
     positions) and every later block. A tuple-returning block gets its hidden state followed by
     ``None`` for the other elements (attention weights and caches, which the engine never asks
-    for). Each block's ``forward`` is restored on exit, also when the body raises.
+    for). Each block's ``forward`` is restored on exit, also when the body raises: on a model
+    dispatched by accelerate that is accelerate's wrapper (it moves inputs to the block's device
+    and reads offloaded weights in), which a replayed block has no need for — its recorded output
+    stays where the block ran, and the next block's wrapper moves it on.
     """
     saved: list[tuple[nn.Module, object]] = []
     missing = object()

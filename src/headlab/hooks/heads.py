@@ -104,7 +104,8 @@ def add_to_heads(
             x = args[0]
             z = as_heads(x, layout, layer)  # [batch, pos, head, d_head]
             report.calls[layer] = report.calls.get(layer, 0) + 1
-            return ((z + deltas[layer].to(z.dtype)).view(x.shape), *args[1:])
+            delta = deltas[layer].to(device=z.device, dtype=z.dtype)  # where this layer runs
+            return ((z + delta).view(x.shape), *args[1:])
 
         return hook
 

@@ -26,9 +26,9 @@ from headlab.jobs.base import (
     open_run,
     stats_config,
 )
-from headlab.jobs.inputs import Inputs, Prepared, prepare
+from headlab.jobs.executors import Executor, make_executor
+from headlab.jobs.inputs import Inputs, Prepared, placement, prepare
 from headlab.models.load import DEFAULT_MODEL
-from headlab.parts import Context
 from headlab.runs import RunDir
 
 __all__ = ["AttentionResult", "run_attention"]
@@ -90,7 +90,14 @@ def run_attention(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -124,6 +131,9 @@ def run_attention(
         raise ConfigError("need 0 < --ci < 1, --n-boot >= 0 and --top-k >= 1")
     check_count("--top", top)
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     if has_data and prepared is None:
         prepared = prepare(
             Inputs(
@@ -131,6 +141,7 @@ def run_attention(
                 text_field=text_field, seq_len=seq_len, n_blocks=n_blocks,
                 n_stats_blocks=n_stats_blocks, stats_data=stats_data, seed=seed,
                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
             ),
             on_status=on_status,
         )  # fmt: skip
@@ -139,8 +150,9 @@ def run_attention(
         identity = identity_of(prepared, prompt=prompt, prepend_bos=bos)
     else:
         net, tok, layout, identity = _load(
-            model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+            model, dtype=dtype, trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle, on_status=on_status,
+            **placement(device, device_map, max_memory, offload_folder),
         )  # fmt: skip
         identity |= {"prompt": prompt, "prepend_bos": bos}
     heads = check_heads(heads, layout) if heads else []  # beyond the model: before any run
@@ -157,7 +169,7 @@ def run_attention(
     with open_run(
         out, "attention", identity, tokens=None if prepared is None else prepared.eval,
         command=command, force=force, on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         result = AttentionResult(run)
         if prompt_ids is not None:
             _patterns(result, net, tok, prompt_ids, layers=layers, heads=heads)
@@ -167,6 +179,7 @@ def run_attention(
                 result, prepared, keys=keys, words=words, method=method, metric=metric,
                 top_k=top_k, n_boot=n_boot, ci=ci, top=top, bins=bins, reservoir=reservoir,
                 seed=seed, batch_size=batch_size, progress=progress, on_status=on_status,
+                executor=ex,
             )  # fmt: skip
         run.set_status("complete", **({} if summary is None else {"summary": summary}))
         return result
@@ -236,6 +249,7 @@ def _faithfulness(
     batch_size: int,
     progress: bool,
     on_status: Callable[[str], None] | None,
+    executor: Executor,
 ) -> dict[str, Any]:
     """The comparison's parts, tables and figure; returns the manifest's summary."""
     from headlab.analyses.attention import (
@@ -248,10 +262,9 @@ def _faithfulness(
 
     run, batch, layout = result.run_dir, prepared.eval, prepared.layout
     mass = MassPart("words" if words else keys, tuple(words) if words else None)
-    ctx = Context(
-        prepared.model, layout, batch, None, batch_size, tokenizer=prepared.tokenizer
-    )  # what the mass reads: computed first, so a key set without keys fails before any effect
-    execute(run, [mass], ctx, progress=progress, desc="attention mass")
+    # what the mass reads: computed first, so a key set without keys fails before any effect
+    ctx = prepared.context(None, batch_size, tokenizer=True)
+    execute(run, [mass], ctx, progress=progress, desc="attention mass", executor=executor)
     stats, batches = None, {}
     if method == "patch":
         batches[COUNTERFACTUAL] = prepared.stats_batch
@@ -261,8 +274,8 @@ def _faithfulness(
             run, prepared, config, batch_size=batch_size, progress=progress, on_status=on_status
         )
     parts = effect_parts(layout, batch, method=method, metric=metric or prepared.metrics[0])
-    ctx = Context(prepared.model, layout, batch, stats, batch_size, batches)
-    execute(run, parts, ctx, progress=progress, desc=f"{method} effects")
+    ctx = prepared.context(stats, batch_size, batches)
+    execute(run, parts, ctx, progress=progress, desc=f"{method} effects", executor=executor)
     table, summary = compare_rankings(
         load_parts(run, "mass"), load_parts(run, "effect-"), n_boot=n_boot, ci=ci,
         seed=seed, top_k=top_k,

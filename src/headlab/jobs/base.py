@@ -1,8 +1,9 @@
 """The job skeleton every command uses.
 
 A job opens (or resumes) its run directory, loads or collects the statistics its methods need,
-lists its parts (:class:`headlab.parts.Part` values), runs the missing ones with a progress bar,
-saves each as it finishes (atomically, with its checksum in the manifest), and marks the run
+lists its parts (:class:`headlab.parts.Part` values), runs the missing ones through an executor
+(:mod:`headlab.jobs.executors`: in this process, or on Ray) with a progress bar, saves each as it
+finishes (atomically, with its checksum in the manifest), and marks the run
 ``interrupted`` or ``complete``. Commands differ only in their parts and in what they write at the
 end.
 """
@@ -20,6 +21,7 @@ import pandas as pd
 
 from headlab.errors import ConfigError
 from headlab.errors import check_count as check_count
+from headlab.jobs.executors import Executor, SerialExecutor
 from headlab.parts import Context, Part
 from headlab.runs import RunDir
 from headlab.stats import Stats, StatsConfig, collect_stats
@@ -150,8 +152,9 @@ def execute(
     done: Callable[[Part], bool] | None = None,
     save: Save = _save_table,
     on_done: Callable[[Part, Any], None] | None = None,
+    executor: Executor | None = None,
 ) -> list[Part]:
-    """Run the parts of ``parts`` that are not done yet, in order, saving each as it finishes.
+    """Run the parts of ``parts`` that are not done yet, saving each as it finishes.
 
     Args:
         run: the open run directory.
@@ -160,6 +163,9 @@ def execute(
         done: whether a part is finished (default: its key is among the run's intact parts).
         save: how a part's output is saved (default: ``run.save_part(key, table)``).
         on_done: called after each part is saved (e.g. a status line).
+        executor: where the parts run (default: in this process, in order); an executor that
+            runs them elsewhere hands back each output as it finishes, in any order, and this
+            driver saves it then (so the run directory is the same whichever executor ran it).
 
     Returns:
         The parts that ran.
@@ -170,9 +176,9 @@ def execute(
     finished = run.done_parts()
     todo = [p for p in parts if not (done(p) if done is not None else p.key in finished)]
     bar = progress_bar(progress, sum(p.cost(ctx) for p in todo), desc, unit)
+    runner = executor if executor is not None else SerialExecutor()
     try:
-        for part in todo:
-            output = part.run(ctx, bar.update if bar is not None else None)
+        for part, output in runner.run(todo, ctx, bar.update if bar is not None else None):
             save(run, part, output)
             if on_done is not None:
                 on_done(part, output)
@@ -193,7 +199,5 @@ def load_parts(run: RunDir, prefix: str = "") -> pd.DataFrame:
 def identity_of(prepared: Any, **options: Any) -> dict[str, Any]:
     """A run's identity: what it ran on (``prepared.identity()``) plus the job's options
     (dataclass values become dicts)."""
-    extra = {
-        k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in options.items()
-    }
+    extra = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in options.items()}
     return {**prepared.identity(), **extra}

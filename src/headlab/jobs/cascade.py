@@ -33,10 +33,10 @@ from headlab.jobs.base import (
     open_run,
     stats_config,
 )
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, off_target_batches, prepare
 from headlab.metrics import get_metric
 from headlab.models.load import DEFAULT_MODEL
-from headlab.parts import Context
 from headlab.plots.cascade import cascade_figure
 from headlab.runs import RunDir
 
@@ -79,9 +79,16 @@ def run_cascade(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
     bins: int = 1000,
     reservoir: int = 16,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -97,6 +104,9 @@ def run_cascade(
     """
     check_count("--steps", steps)
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     if not (share > 0 and ratio >= 1):
         raise ConfigError("--share must be > 0 and --ratio >= 1")
     iv = intervention_from_name(method)
@@ -104,7 +114,8 @@ def run_cascade(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip
     if heads is not None:
         heads = check_heads(heads)  # repeats and non-pairs: refused before loading anything
@@ -129,14 +140,14 @@ def run_cascade(
     with open_run(
         out, "cascade", identity, tokens=prepared.eval, command=command, force=force,
         on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         stats = None
         if needs_stats([method]):
             stats = job_stats(
                 run, prepared, config, batch_size=batch_size, progress=progress,
                 on_status=on_status,
             )  # fmt: skip
-        ctx = Context(prepared.model, prepared.layout, prepared.eval, stats, batch_size)
+        ctx = prepared.context(stats, batch_size)
         gone = finished_rounds(run)
 
         def picked(part: CascadePart, table: pd.DataFrame) -> None:
@@ -147,7 +158,10 @@ def run_cascade(
 
         for step in range(len(gone), steps):  # each round needs the heads removed before it
             part = CascadePart(step, method, iv, metric, pool, tuple(gone))
-            execute(run, [part], ctx, progress=progress, desc=f"round {step}", on_done=picked)
+            execute(
+                run, [part], ctx, progress=progress, desc=f"round {step}", on_done=picked,
+                executor=ex,
+            )  # fmt: skip
         table = load_parts(run, "cascade-").sort_values(["step", "layer", "head"])
         table = table.reset_index(drop=True)
         backups = backup_heads(table, share=share, ratio=ratio)

@@ -29,10 +29,11 @@ from headlab.jobs.base import (
     open_run,
     stats_config,
 )
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, off_target_batches, prepare
 from headlab.jobs.sweep import load_sweep
 from headlab.models.load import DEFAULT_MODEL
-from headlab.parts import Context, Part
+from headlab.parts import Part
 from headlab.plots.compare import compare_figure
 from headlab.runs import RunDir
 from headlab.stats import Stats
@@ -91,9 +92,16 @@ def run_compare(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
     bins: int = 1000,
     reservoir: int = 16,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -118,11 +126,15 @@ def run_compare(
         raise ConfigError(f"--ci must be between 0 and 1 (e.g. 0.95), got {ci}")
     check_count("--top-k", top_k)
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     inputs = Inputs(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip
     if prepared is None:
         prepared = prepare(inputs, on_status=on_status)
@@ -144,7 +156,7 @@ def run_compare(
     with open_run(
         out, "compare", identity, tokens=prepared.eval, command=command, force=force,
         on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         stats = None
         if needs_stats(names):
             stats = job_stats(
@@ -160,10 +172,11 @@ def run_compare(
         )  # fmt: skip
         if on_status:
             on_status(f"measuring {', '.join(names)} on {len(prepared.eval)} examples ({metric})")
-        ctx = Context(prepared.model, prepared.layout, prepared.eval, stats, batch_size)
+        ctx = prepared.context(stats, batch_size)
         execute(
             run, parts, ctx, progress=progress, desc="exact ablation",
             done=lambda p: all(key in finished for key in p.keys), save=_save_tables,
+            executor=ex,
         )  # fmt: skip
         result = summarise(
             load_parts(run), reference=reference, n_boot=bootstrap, k=k, ci=ci, seed=seed,

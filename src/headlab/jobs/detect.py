@@ -14,9 +14,9 @@ from matplotlib.figure import Figure
 from headlab.analyses.detect import DETECTORS, DetectPart, top_heads
 from headlab.errors import ConfigError
 from headlab.jobs.base import check_count, execute, identity_of, load_parts, open_run
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, prepare
 from headlab.models.load import DEFAULT_MODEL
-from headlab.parts import Context
 from headlab.plots.detect import detect_figure
 from headlab.runs import RunDir
 
@@ -65,7 +65,14 @@ def run_detect(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -88,13 +95,17 @@ def run_detect(
         raise ConfigError(f"--threshold must be in [0, 1], got {threshold}")
     check_count("--top", top)
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     if task is None and not data:
         task, data = "induction", None
     inputs = Inputs(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip
     if prepared is None:
         prepared = prepare(inputs, on_status=on_status)
@@ -106,9 +117,9 @@ def run_detect(
     with open_run(
         out, "detect", identity, tokens=prepared.eval, command=command, force=force,
         on_status=on_status,
-    ) as run:  # fmt: skip
-        ctx = Context(prepared.model, prepared.layout, prepared.eval, None, batch_size)
-        execute(run, [part], ctx, progress=progress, desc="detect")
+    ) as run, ex:  # fmt: skip
+        ctx = prepared.context(None, batch_size)
+        execute(run, [part], ctx, progress=progress, desc="detect", executor=ex)
         table = load_parts(run, part.key)
         run.save_table("results.parquet", table)
         figures = {"detect.png": detect_figure(table, threshold=threshold)}

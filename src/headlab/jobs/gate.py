@@ -41,6 +41,7 @@ from headlab.data.tasks import TASKS
 from headlab.defaults import DEFAULT_GATE_MASKS, DEFAULT_GATE_STEPS, DEFAULT_MODEL
 from headlab.errors import ConfigError
 from headlab.jobs.base import Say, check_count, execute, identity_of, load_parts, open_run
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, prepare
 from headlab.metrics import get_metric
 from headlab.parts import Context, Part
@@ -102,7 +103,14 @@ def run_gate(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -119,6 +127,9 @@ def run_gate(
     """
     check_count("--batch-size", batch_size)
     check_count("--k", k)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     check_count("--random", n_random, low=0)
     if forget_task is not None and forget_data is not None:
         raise ConfigError("give either --forget-task or --forget-data, not both")
@@ -137,7 +148,8 @@ def run_gate(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip
     if prepared is None:
         prepared = prepare(inputs, on_status=on_status)
@@ -156,12 +168,12 @@ def run_gate(
     with open_run(
         out, "gate-contrast" if contrast else "gate", identity, tokens=prepared.eval,
         command=command, force=force, on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         batches = {} if forget is None else {"forget": forget}
-        ctx = Context(prepared.model, prepared.layout, prepared.eval, None, batch_size, batches)
+        ctx = prepared.context(None, batch_size, batches)
         if isinstance(config, ContrastConfig):
-            return _contrast(run, prepared, ctx, config, checks, progress, on_status)
-        return _chg(run, prepared, ctx, config, checks, progress, on_status)
+            return _contrast(run, prepared, ctx, config, checks, progress, on_status, ex)
+        return _chg(run, prepared, ctx, config, checks, progress, on_status, ex)
 
 
 def _forget_batch(prepared: Prepared, forget_task: str | None, forget_data: str | None) -> Batch:
@@ -219,6 +231,7 @@ def _chg(
     checks: _Validation | None,
     progress: bool,
     say: Say,
+    executor: Executor,
 ) -> GateResult:
     parts = run.done_parts()  # a fit is done when both its theta and its loss curve are intact
     done = [f for f in FITS if f"curve-{f}" in parts and _theta(run, f) is not None]
@@ -227,7 +240,7 @@ def _chg(
     finished = {f"curve-{f}" for f in done}
     opts: dict[str, Any] = dict(
         progress=progress, desc="gate fits", unit="step", done=lambda p: p.key in finished,
-        save=_save_fit,
+        save=_save_fit, executor=executor,
     )  # fmt: skip
     execute(run, [CHGFitPart("zero", config)], ctx, **opts)
     zero = _saved_thetas(run, ("zero",))["zero"]  # the start of the regularised fits
@@ -280,6 +293,7 @@ def _contrast(
     checks: _Validation | None,
     progress: bool,
     say: Say,
+    executor: Executor,
 ) -> GateResult:
     theta = _theta(run, "contrast")
     summary_ok = run.verified("summary.csv") is not None  # the fit's summary or curve lost: refit
@@ -290,6 +304,7 @@ def _contrast(
     execute(
         run, [ContrastPart(config)], ctx, progress=progress, desc="contrastive fit", unit="step",
         done=lambda p: done, save=_save_contrast, on_done=lambda p, res: fitted.append(res),
+        executor=executor,
     )  # fmt: skip
     if fitted:
         table, summary = fitted[0].table, fitted[0].summary

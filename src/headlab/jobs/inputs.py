@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -11,15 +12,48 @@ from torch import nn
 
 from headlab.batch import Batch
 from headlab.errors import ConfigError
+from headlab.models.dispatch import dispatch_options
 from headlab.models.layout import Layout, describe, max_positions
 from headlab.models.load import DEFAULT_MODEL, cached_fingerprint, load_model
+from headlab.parts import Context, ModelSpec
+from headlab.stats import Stats
 
-__all__ = ["Inputs", "Prepared", "off_target_batches", "prepare"]
+__all__ = ["Inputs", "Prepared", "off_target_batches", "placement", "prepare"]
+
+
+def placement(
+    device: str,
+    device_map: str | Mapping[str, int | str] | None,
+    max_memory: Mapping[int | str, int | str] | None,
+    offload_folder: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """``load_model``'s placement keywords from a job's options, checked before any work (the
+    device map itself is computed when the model loads): ``device`` alone, or ``device_map`` with
+    ``max_memory`` and ``offload_folder``, where ``device`` must be left at its default ``cpu``.
+
+    Raises:
+        ConfigError: ``--device`` other than cpu with ``--device-map``; bad dispatch options.
+    """
+    if device_map is not None and device != "cpu":
+        raise ConfigError(
+            f"--device {device} and --device-map {device_map} both say where the model goes; "
+            "drop --device (--device-map places every module, on the GPUs first; --max-memory "
+            "limits each device)"
+        )
+    dispatch_options(None, device_map, max_memory, offload_folder)
+    if device_map is None:
+        return {"device": device}
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """Which model and data a job runs on (the shared CLI options)."""
+    """Which model and data a job runs on (the shared CLI options).
+
+    ``device_map``, ``max_memory`` and ``offload_folder`` say where the model's modules sit (see
+    :func:`headlab.models.load.load_model`); like ``device`` they are not part of a run's identity
+    (the numbers are the same), so a run resumes with or without them.
+    """
 
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
@@ -34,16 +68,28 @@ class Inputs:
     seed: int = 0
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: dict[int | str, int | str] | None = None
+    offload_folder: str | None = None
 
     def __post_init__(self) -> None:
         if self.task is not None and self.data not in (None, "python-docs"):
             raise ConfigError("give either --data or --task, not both")
+        placement(self.device, self.device_map, self.max_memory, self.offload_folder)
         if self.seq_len is not None and self.seq_len < 1:
             raise ConfigError(f"--seq-len must be a positive integer, got {self.seq_len}")
         if self.n_blocks < 1:
             raise ConfigError(f"--n-blocks must be at least 1, got {self.n_blocks}")
         if self.n_stats_blocks < 1:
             raise ConfigError(f"--n-stats-blocks must be at least 1, got {self.n_stats_blocks}")
+
+    @property
+    def spec(self) -> ModelSpec:
+        """How to load this model anywhere (what a Ray worker loads)."""
+        return ModelSpec(
+            self.model, self.dtype, self.device, self.trust_remote_code, self.allow_pickle,
+            self.device_map, self.max_memory, self.offload_folder,
+        )  # fmt: skip
 
 
 @dataclass
@@ -59,6 +105,22 @@ class Prepared:
     metrics: list[str]
     model_fingerprint: str
 
+    def context(
+        self,
+        stats: Stats | None = None,
+        batch_size: int = 8,
+        batches: Mapping[str, Batch] | None = None,
+        *,
+        tokenizer: bool = False,
+    ) -> Context:
+        """What parts on the evaluation batch read: this model with ``stats``, ``batch_size``
+        and the named ``batches`` (and the tokenizer, with ``tokenizer``), naming the model's
+        spec so an executor may run the parts in other processes."""
+        return Context(
+            self.model, self.layout, self.eval, stats, batch_size, dict(batches or {}),
+            tokenizer=self.tokenizer if tokenizer else None, spec=self.inputs.spec,
+        )  # fmt: skip
+
     def identity(self) -> dict[str, Any]:
         from headlab.data.blocks import batch_fingerprint
 
@@ -67,6 +129,9 @@ class Prepared:
         # weights); trust_remote_code stays when set: custom code is the forward pass itself (it
         # is left out when off, so run directories of releases without the option still resume)
         del inputs["allow_pickle"]
+        # nor does where the modules sit (accelerate's device map: the unsplit model's numbers)
+        for option in ("device_map", "max_memory", "offload_folder"):
+            del inputs[option]
         if not inputs["trust_remote_code"]:
             del inputs["trust_remote_code"]
         return {
@@ -87,10 +152,10 @@ def prepare(inputs: Inputs, *, on_status: Callable[[str], None] | None = None) -
     model, tokenizer = load_model(
         inputs.model,
         dtype=inputs.dtype,
-        device=inputs.device,
         on_status=on_status,
         trust_remote_code=inputs.trust_remote_code,
         allow_pickle=inputs.allow_pickle,
+        **placement(inputs.device, inputs.device_map, inputs.max_memory, inputs.offload_folder),
     )
     layout = describe(model)
     if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
@@ -159,8 +224,6 @@ def prepare(inputs: Inputs, *, on_status: Callable[[str], None] | None = None) -
         metrics,
         cached_fingerprint(model),  # computed once: statistics and their checks reuse it
     )
-
-
 
 
 def off_target_batches(

@@ -20,9 +20,10 @@ from headlab.analyses.gates import L0Config, L0FitPart, check_l0_lambdas, l0_eva
 from headlab.defaults import DEFAULT_L0_LAMBDAS, DEFAULT_L0_STEPS, DEFAULT_MODEL
 from headlab.errors import ConfigError
 from headlab.jobs.base import check_count, execute, identity_of, load_parts, open_run
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, prepare
 from headlab.metrics import get_metric
-from headlab.parts import Context, Part
+from headlab.parts import Part
 from headlab.plots.l0 import l0_figures
 from headlab.runs import RunDir
 
@@ -61,7 +62,14 @@ def run_l0(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -75,6 +83,9 @@ def run_l0(
     per-head table, the loss curves and the figures; prints nothing.
     """
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     lams = [float(x) for x in lams]
     check_l0_lambdas(lams)
     config = L0Config(
@@ -84,7 +95,8 @@ def run_l0(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip
     if prepared is None:
         prepared = prepare(inputs, on_status=on_status)
@@ -94,17 +106,17 @@ def run_l0(
     with open_run(
         out, "l0", identity_of(prepared, config=settings), tokens=prepared.eval, command=command,
         force=force, on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         parts = [L0FitPart(lam, config) for lam in lams]
         done = run.done_parts()  # a fit is done when its gates and its loss curve are intact
         fitted = [p for p in parts if p.key in done and _log_alpha(run, p.lam) is not None]
         if fitted and on_status:
             on_status(f"resuming: lam {', '.join(f'{p.lam:g}' for p in fitted)} already fitted")
         finished = {p.key for p in fitted}
-        ctx = Context(prepared.model, prepared.layout, prepared.eval, None, batch_size)
+        ctx = prepared.context(None, batch_size)
         execute(
             run, parts, ctx, progress=progress, desc="l0 fits", unit="step",
-            done=lambda p: p.key in finished, save=_save_fit,
+            done=lambda p: p.key in finished, save=_save_fit, executor=ex,
         )  # fmt: skip
         log_alphas = {lam: _saved_log_alpha(run, lam) for lam in lams}
         table, heads = l0_evaluate(

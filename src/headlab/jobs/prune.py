@@ -33,11 +33,11 @@ from headlab.jobs.base import (
     open_run,
     stats_config,
 )
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, prepare
 from headlab.jobs.sweep import load_sweep, saved_sweep
 from headlab.metrics import get_metric
 from headlab.models.load import DEFAULT_MODEL
-from headlab.parts import Context
 from headlab.plots.prune import prune_figure
 from headlab.runs import RunDir
 
@@ -91,9 +91,16 @@ def run_prune(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
     bins: int = 1000,
     reservoir: int = 16,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -120,11 +127,15 @@ def run_prune(
     if sweep and not (Path(sweep) / "manifest.json").is_file():
         raise ConfigError(f"--sweep {sweep} is not a finished headlab sweep run directory")
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     inputs = Inputs(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip
     if prepared is None:
         prepared = prepare(inputs, on_status=on_status)
@@ -145,7 +156,7 @@ def run_prune(
     with open_run(
         out, "prune", identity, tokens=prepared.eval, command=command, force=force,
         on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         stats = None
         if needs_stats(methods):
             stats = job_stats(
@@ -161,19 +172,19 @@ def run_prune(
             same_blocks = True
             importance = saved_sweep(
                 run, prepared, methods=methods[:1], metrics=[rank], stats=stats,
-                batch_size=batch_size, progress=progress,
+                batch_size=batch_size, progress=progress, executor=ex,
             )  # fmt: skip
         parts = prune_parts(
             prepared.layout, methods=methods, orders=orders, unit=unit, fractions=fractions,
             seeds=seeds, metrics=metrics, importance=importance, rank_metric=rank_metric,
         )  # fmt: skip
-        ctx = Context(prepared.model, prepared.layout, prepared.eval, stats, batch_size)
+        ctx = prepared.context(stats, batch_size)
 
         def said(part: PrunePart, _table: pd.DataFrame) -> None:
             if on_status:
                 on_status(f"curve done: {part.order} / {part.method} / seed {part.seed}")
 
-        execute(run, parts, ctx, progress=progress, desc="prune", on_done=said)
+        execute(run, parts, ctx, progress=progress, desc="prune", on_done=said, executor=ex)
         return _finish(run, tolerance, metrics[0], same_blocks)
 
 

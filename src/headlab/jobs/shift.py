@@ -25,10 +25,10 @@ from headlab.jobs.base import (
     open_run,
     stats_config,
 )
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, prepare
 from headlab.jobs.sweep import load_sweep, saved_sweep
 from headlab.models.load import DEFAULT_MODEL
-from headlab.parts import Context
 from headlab.plots.shift import shift_figure
 from headlab.runs import RunDir
 
@@ -69,9 +69,16 @@ def run_shift(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
     bins: int = 1000,
     reservoir: int = 16,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -92,6 +99,9 @@ def run_shift(
         intervention_from_name(m)
     check_count("--top-k", top_k)
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     sweep_here = heads is None and not sweep  # the ranking sweep is computed in this run
     if sweep_here:
         intervention_from_name(rank_method)
@@ -99,7 +109,8 @@ def run_shift(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip
     if heads is not None:
         heads = check_heads(heads)  # repeats and non-pairs: refused before loading anything
@@ -120,7 +131,7 @@ def run_shift(
     with open_run(
         out, "shift", identity, tokens=prepared.eval, command=command, force=force,
         on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         stats = None
         if needs_stats([*methods, *([rank_method] if sweep_here else [])]):
             stats = job_stats(
@@ -134,19 +145,19 @@ def run_shift(
                     on_status(f"no --sweep or --heads: sweeping every head ({rank_method})")
                 ranking = saved_sweep(
                     run, prepared, methods=[rank_method], metrics=[metric], stats=stats,
-                    batch_size=batch_size, progress=progress,
+                    batch_size=batch_size, progress=progress, executor=ex,
                 )  # fmt: skip
             heads = _top(ranking, rank_method, metric, top_k)
         for ly, h in heads:
             prepared.layout.check_head(ly, h)
-        ctx = Context(prepared.model, prepared.layout, prepared.eval, stats, batch_size)
+        ctx = prepared.context(stats, batch_size)
         parts = shift_plan(heads, methods, each=each, skip_first=skip_first)
 
         def said(part: ShiftPart, _table: pd.DataFrame) -> None:
             if on_status:
                 on_status(f"measured {part.method} ablation of {len(heads)} heads")
 
-        execute(run, parts, ctx, progress=progress, desc="shift", on_done=said)
+        execute(run, parts, ctx, progress=progress, desc="shift", on_done=said, executor=ex)
         table = load_parts(run, "shift-")
         run.save_table("results.parquet", table)
         figures = {"shift.png": shift_figure(table)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -44,10 +44,11 @@ from headlab.data.tasks import TASKS
 from headlab.errors import ConfigError
 from headlab.heads import Head, check_heads
 from headlab.jobs.base import Say, check_count, execute, load_parts, open_run
-from headlab.jobs.inputs import Prepared
+from headlab.jobs.executors import Executor, make_executor
+from headlab.jobs.inputs import Prepared, placement
 from headlab.models.layout import describe, max_positions
 from headlab.models.load import DEFAULT_MODEL, cached_fingerprint, load_model
-from headlab.parts import Context, Part
+from headlab.parts import Context, ModelSpec, Part
 from headlab.plots.steer import steer_figure
 from headlab.runs import RunDir
 
@@ -122,7 +123,13 @@ def _save_condition(run: RunDir, part: Part, output: Any) -> None:
 
 
 def _select_sweep(
-    run: RunDir, ctx: Context, token_ids: Sequence[int], *, progress: bool, say: Say
+    run: RunDir,
+    ctx: Context,
+    token_ids: Sequence[int],
+    *,
+    progress: bool,
+    say: Say,
+    executor: Executor,
 ) -> pd.DataFrame:
     """The concept-mass sweep of every head on the selection prompts ``ctx.batch`` (the part
     ``select-sweep``: computed once, then read back)."""
@@ -134,7 +141,7 @@ def _select_sweep(
     fresh: dict[str, pd.DataFrame] = {}
     execute(
         run, [part], ctx, progress=progress, desc="concept sweep",
-        on_done=lambda p, table: fresh.update({p.key: table}),
+        on_done=lambda p, table: fresh.update({p.key: table}), executor=executor,
     )  # fmt: skip
     return fresh[part.key]
 
@@ -171,7 +178,14 @@ def run_steer(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -198,6 +212,9 @@ def run_steer(
                              ("--seq-len", seq_len, 1), ("--n-blocks", n_blocks, 1),
                              ("--n-task", n_task, 1), ("--batch-size", batch_size, 1)):  # fmt: skip
         check_count(name, value, low=low)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     if heads:
         heads = check_heads(heads)  # repeats and non-pairs: refused before loading anything
     the_concept = get_concept(concept, prompts=prompts, select_prompts=select_prompts)
@@ -209,13 +226,16 @@ def run_steer(
         alphas=tuple(alphas), n_random=n_random, seed=seed, generate=gen, batch_size=batch_size
     )
     if prepared is None:
+        spec = ModelSpec(model, dtype, device, trust_remote_code, allow_pickle)
         net, tok = load_model(
-            model, dtype=dtype, device=device, on_status=on_status,
+            model, dtype=dtype, on_status=on_status,
             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+            **placement(device, device_map, max_memory, offload_folder),
         )  # fmt: skip
         layout = describe(net)
     else:
         net, tok, layout = prepared.model, prepared.tokenizer, prepared.layout
+        spec = prepared.inputs.spec
         model, dtype = prepared.inputs.model, prepared.inputs.dtype
         trust_remote_code = prepared.inputs.trust_remote_code
     if tok is None or not callable(getattr(tok, "batch_decode", None)):
@@ -249,7 +269,10 @@ def run_steer(
         "n_task": n_task,
     }
     say = on_status or (lambda msg: None)
-    with open_run(out, "steer", identity, command=command, force=force, on_status=on_status) as run:
+    with (
+        open_run(out, "steer", identity, command=command, force=force, on_status=on_status) as run,
+        ex,
+    ):
         labels: dict[int, str] = {}
         for row in tokens.table.itertuples():
             labels.setdefault(int(row.token_id), row.form.replace(" ", "_"))
@@ -265,18 +288,20 @@ def run_steer(
         run.save_table("heads.csv", scores)
         chosen = scores
         if select == "sweep":
-            ctx = Context(net, layout, sel_batch, batch_size=batch_size)
-            chosen = _select_sweep(run, ctx, tokens.token_ids, progress=progress, say=say)
+            ctx = Context(net, layout, sel_batch, batch_size=batch_size, spec=spec)
+            chosen = _select_sweep(
+                run, ctx, tokens.token_ids, progress=progress, say=say, executor=ex
+            )
             run.save_table("heads_sweep.csv", chosen)
         selected = list(heads) if heads else select_heads(chosen, k)
         say("steering heads " + ", ".join(f"{ly}.{h}" for ly, h in selected))
         targets = steer_targets(tok, the_concept, off, tokens.token_ids)
         parts = steer_plan(selected, layout, the_concept, config, targets)
         finished = run.done_parts()
+        ctx = replace(steer_context(net, tok, layout, the_concept, config, targets), spec=spec)
         execute(
-            run, parts, steer_context(net, tok, layout, the_concept, config, targets),
-            progress=progress, desc="steer conditions", unit="cond",
-            done=lambda p: {p.key, p.gen_key} <= finished, save=_save_condition,
+            run, parts, ctx, progress=progress, desc="steer conditions", unit="cond",
+            done=lambda p: {p.key, p.gen_key} <= finished, save=_save_condition, executor=ex,
         )  # fmt: skip
         table = with_baseline(load_parts(run, "steer-"))
         gens = load_parts(run, "gen-")

@@ -25,10 +25,10 @@ from headlab.jobs.base import (
     open_run,
     stats_config,
 )
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, prepare
 from headlab.metrics import get_metric
 from headlab.models.load import DEFAULT_MODEL
-from headlab.parts import Context
 from headlab.plots.sweep import sweep_figures
 from headlab.runs import RunDir, read_manifest
 from headlab.stats import Stats
@@ -69,9 +69,16 @@ def run_sweep(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     batch_size: int = 8,
     bins: int = 1000,
     reservoir: int = 16,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
     force: bool = False,
     progress: bool = False,
     on_status: Callable[[str], None] | None = None,
@@ -89,11 +96,15 @@ def run_sweep(
     for m in methods:
         intervention_from_name(m)
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     inputs = Inputs(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder,
     )  # fmt: skip
     if heads is not None:
         heads = check_heads(heads)  # repeats and non-pairs: refused before loading anything
@@ -112,16 +123,16 @@ def run_sweep(
     with open_run(
         out, "sweep", identity, tokens=prepared.eval, command=command, force=force,
         on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         stats = None
         if needs_stats(methods):
             stats = job_stats(
                 run, prepared, config, batch_size=batch_size, progress=progress,
                 on_status=on_status,
             )  # fmt: skip
-        ctx = Context(prepared.model, prepared.layout, prepared.eval, stats, batch_size)
+        ctx = prepared.context(stats, batch_size)
         parts = sweep_plan(prepared.layout, methods=methods, metrics=metric_names, heads=heads)
-        execute(run, parts, ctx, progress=progress, desc="sweep")
+        execute(run, parts, ctx, progress=progress, desc="sweep", executor=ex)
         return _finish(
             run, load_parts(run), len(parts[0].metrics) * sum(len(p.heads) for p in parts)
         )
@@ -196,10 +207,11 @@ def saved_sweep(
     stats: Stats | None,
     batch_size: int,
     progress: bool = False,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """A single-head sweep computed inside another job's ``run`` (parts ``sweep-*``,
-    resumable), as a tidy table."""
-    ctx = Context(prepared.model, prepared.layout, prepared.eval, stats, batch_size)
+    resumable, run by ``executor``), as a tidy table."""
+    ctx = prepared.context(stats, batch_size)
     parts = sweep_plan(prepared.layout, methods=methods, metrics=metrics, prefix="sweep-")
-    execute(run, parts, ctx, progress=progress, desc="sweep")
+    execute(run, parts, ctx, progress=progress, desc="sweep", executor=executor)
     return tidy(load_parts(run, "sweep-"))

@@ -23,7 +23,7 @@ from torch import nn
 
 from headlab.batch import Batch
 from headlab.errors import ConfigError, HeadlabError
-from headlab.models.layout import call_model
+from headlab.models.layout import call_model, input_device
 
 __all__ = ["attention_patterns", "check_unpadded", "eager_attention", "forward_attentions"]
 
@@ -96,7 +96,7 @@ def attention_patterns(
     The model runs with eager attention until the generator is exhausted or closed (use it in a
     ``for`` loop, or ``contextlib.closing``)."""
     check_unpadded(batch)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with torch.no_grad(), eager_attention(model):
         for i, chunk in enumerate(batch.chunks(batch_size)):
             start = i * batch_size

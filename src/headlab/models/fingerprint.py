@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from headlab.models.dispatch import state_tensors
+
 _FINGERPRINT_SAMPLES = 4096
 _CONFIG_KEYS_IGNORED = {"transformers_version", "dtype", "torch_dtype", "architectures"}
 #: attribute holding a model's fingerprint once :func:`cached_fingerprint` computed it
@@ -26,7 +28,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None:
         h.update(json.dumps(_clean_config(config.to_dict()), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state_tensors(model):  # offloaded weights read in, one module at a time
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
         n = flat.numel()

@@ -12,6 +12,7 @@ is the one registration point; :func:`describe` turns a loaded model into a :cla
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ __all__ = [
     "describe",
     "families",
     "find_family",
+    "input_device",
     "max_positions",
     "register_family",
     "with_position_ids",
@@ -300,6 +302,41 @@ def blocks_of(model: nn.Module, layout: Layout) -> nn.ModuleList:
         f"no list of blocks in {type(model).__name__} holds the output projections "
         f"{layout.out_proj_names[0]}..., so layers cannot be replayed; run without prefix reuse"
     )
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a batch goes for ``model``'s forward: the one place headlab decides it.
+
+    For a model dispatched by accelerate (``load_model(..., device_map=...)``), the execution
+    device of its input embedding (its parameters may sit on the ``meta`` device when offloaded,
+    and the blocks on other devices); otherwise the device of its first parameter.
+    """
+    embed = None
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        embed = model.get_input_embeddings()
+    if getattr(model, "hf_device_map", None) is not None and isinstance(embed, nn.Module):
+        name = next((n for n, m in model.named_modules() if m is embed), None)
+        while name is not None:  # the embedding, then each module holding it
+            device = _execution_device(getattr(model.get_submodule(name), "_hf_hook", None))
+            if device is not None:
+                return device
+            name = name.rpartition(".")[0] if name else None
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def _execution_device(hook: object) -> torch.device | None:
+    """The execution device of an accelerate hook (or of the first hook of a chain that has one)."""
+    device = getattr(hook, "execution_device", None)
+    if device is None:
+        for inner in getattr(hook, "hooks", ()):
+            device = _execution_device(inner)
+            if device is not None:
+                return device
+        return None
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
 
 def max_positions(model: nn.Module) -> int | None:

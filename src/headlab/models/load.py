@@ -13,6 +13,10 @@ ship) needs ``trust_remote_code=True`` (``--trust-remote-code``), and pickled we
 (``pytorch_model.bin`` without a safetensors file) need ``allow_pickle=True`` (``--allow-pickle``);
 even then torch's weights-only unpickler is used.
 
+A model larger than one device is spread over GPUs, the CPU and the disk by accelerate with
+``device_map`` (``max_memory`` limits each device, ``offload_folder`` allows disk offload): see
+:mod:`~headlab.models.dispatch`. The numbers are those of the unsplit model.
+
 Beside this module: :mod:`~headlab.models.default` (the default model's GGUF conversion and cache
 folder), :mod:`~headlab.models.folders` (checking a local model folder) and
 :mod:`~headlab.models.fingerprint` (model fingerprints).
@@ -24,7 +28,7 @@ import contextlib
 import os
 import pickle
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -35,6 +39,13 @@ from headlab.defaults import DEFAULT_MODEL
 from headlab.errors import ConfigError, HeadlabError, ModelNotFoundError
 from headlab.models.default import _default_folder
 from headlab.models.default import cache_dir as cache_dir
+from headlab.models.dispatch import (
+    Dispatch,
+    dispatch_options,
+    placement_summary,
+    plan_device_map,
+    quiet_dispatch,
+)
 from headlab.models.fingerprint import FINGERPRINT_ATTR as FINGERPRINT_ATTR
 from headlab.models.fingerprint import cached_fingerprint as cached_fingerprint
 from headlab.models.fingerprint import model_fingerprint as model_fingerprint
@@ -68,11 +79,14 @@ def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     dtype: str | torch.dtype = "float32",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     on_status: Callable[[str], None] | None = None,
     progress: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | Mapping[str, int | str] | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode with gradients off on every parameter.
 
@@ -80,7 +94,8 @@ def load_model(
         name_or_path: ``"smollm2-135m"`` (the default), a local folder holding ``config.json`` and
             weights, or a Hugging Face hub id (cached copies first, then online).
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the torch dtype).
-        device: where the model goes, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+        device: where the whole model goes, e.g. ``"cpu"`` (the default), ``"cuda"``,
+            ``"cuda:1"``, ``"mps"``; not with ``device_map``.
         on_status: called with a one-line message before slow steps (the one-time conversion).
         progress: show Hugging Face progress bars on stderr.
         trust_remote_code: run the Python code a model folder ships (``config.json``'s
@@ -89,21 +104,48 @@ def load_model(
         allow_pickle: load pickled ``pytorch_model.bin`` weights when there is no safetensors
             file (read with torch's weights-only unpickler; convert them to safetensors instead
             where you can, see the error this option avoids).
+        device_map: spread the model over several devices with accelerate: ``"auto"``,
+            ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (accelerate computes the map:
+            GPUs first, then the CPU, then the disk) or a dict ``{module name: device}`` (a GPU
+            index, ``"cpu"``, ``"mps"`` or ``"disk"``). Without a GPU, ``"auto"`` keeps the model
+            on the CPU (the part that does not fit goes to disk, with ``offload_folder``).
+            Interventions, statistics and the engine give the same numbers as unsplit.
+        max_memory: what each device may hold, e.g. ``{"cpu": "2GiB", 0: "10GiB"}`` (sizes in
+            bytes or with a unit, see :mod:`headlab.memory`); devices not named get nothing.
+            Default: what is free. Only with a named ``device_map``.
+        offload_folder: allow disk offload: weights that fit nowhere else are read from disk
+            (from the model's own safetensors files where it can, else written to this folder)
+            just before each module runs, which is exact but slow. Without it a model that does
+            not fit is refused before any weight is read.
+
+    Raises:
+        ConfigError: ``device`` together with ``device_map``; a model that does not fit in
+            ``max_memory`` (or the free memory) and no ``offload_folder``; bad options.
 
     Returns:
         The model and its tokenizer; for vision models the image processor (or ``None``).
     """
     torch_dtype = _resolve_dtype(dtype)
-    torch_device = _resolve_device(device)
+    dispatch = dispatch_options(device, device_map, max_memory, offload_folder)
+    torch_device = None if dispatch is not None else _resolve_device(device or "cpu")
     name = os.fspath(name_or_path)
-    options = {"trust_remote_code": bool(trust_remote_code), "allow_pickle": bool(allow_pickle)}
-    with _progress_bars(progress), _no_conversion_bot():
+    options: dict[str, Any] = {
+        "trust_remote_code": bool(trust_remote_code),
+        "allow_pickle": bool(allow_pickle),
+        "dispatch": dispatch,
+    }
+    with _progress_bars(progress), _no_conversion_bot(), quiet_dispatch():
         if name == DEFAULT_MODEL:
             folder = _default_folder(on_status, progress)
-            model, tokenizer = _load_pretrained(folder, torch_dtype, local_files_only=True)
+            model, tokenizer = _load_pretrained(
+                folder, torch_dtype, local_files_only=True, dispatch=dispatch
+            )
         else:
             model, tokenizer = _load_named(name, torch_dtype, options)
-    model.to(torch_device)
+    if torch_device is not None:
+        model.to(torch_device)
+    elif on_status is not None:
+        on_status(placement_summary(model))
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -166,7 +208,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 # --- local folders and hub ids -------------------------------------------------------------------
 
 
-def _load_named(name: str, dtype: torch.dtype, options: dict[str, bool]) -> tuple[Any, Any]:
+def _load_named(name: str, dtype: torch.dtype, options: dict[str, Any]) -> tuple[Any, Any]:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -178,14 +220,18 @@ def _load_named(name: str, dtype: torch.dtype, options: dict[str, bool]) -> tupl
                 f"folder {path} has no config.json; a model folder needs config.json and weights "
                 "(model.safetensors or pytorch_model.bin), as written by save_pretrained"
             )
-        _check_folder(path, **options)
+        _check_folder(
+            path,
+            trust_remote_code=options["trust_remote_code"],
+            allow_pickle=options["allow_pickle"],
+        )
         return _load_pretrained(str(path), dtype, local_files_only=True, **options)
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
         raise ModelNotFoundError(f"no model folder at {path}")
     return _load_hub(name, dtype, options)
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype, options: dict[str, bool]) -> tuple[Any, Any]:
+def _load_hub(repo_id: str, dtype: torch.dtype, options: dict[str, Any]) -> tuple[Any, Any]:
     try:
         return _load_pretrained(repo_id, dtype, local_files_only=True, **options)
     except _PickledWeights as err:  # maybe only the pickle is cached: the hub may have more
@@ -238,6 +284,7 @@ def _load_pretrained(
     local_files_only: bool,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    dispatch: Dispatch | None = None,
 ) -> Any:
     import transformers
 
@@ -256,8 +303,16 @@ def _load_pretrained(
     safe = None if allow_pickle else True  # True: transformers never falls back to a pickle
     for cls in _model_classes(config):
         try:
-            model = cls.from_pretrained(ref, dtype=dtype, use_safetensors=safe, **kw)
+            placement: dict[str, Any] = {}
+            if dispatch is not None:  # the map is computed (and checked) before any weight is read
+                placement = {
+                    "device_map": plan_device_map(cls, config, dtype, dispatch, ref),
+                    "offload_folder": dispatch.offload_folder,
+                }
+            model = cls.from_pretrained(ref, dtype=dtype, use_safetensors=safe, **placement, **kw)
             break
+        except HeadlabError:
+            raise
         except pickle.UnpicklingError as err:
             raise _unsafe_pickle_error(ref) from err
         except OSError as err:

@@ -12,7 +12,7 @@ from torch import nn
 from headlab.batch import Batch
 from headlab.errors import ConfigError, HeadlabError
 from headlab.hooks import capture
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, describe, input_device
 from headlab.stats.config import StatsConfig
 from headlab.stats.container import Stats
 
@@ -216,7 +216,7 @@ def collect_stats(
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="statistics", unit="batch")
-    device = next(model.parameters()).device
+    device = input_device(model)
     with torch.no_grad(), capture(model, collector.update, layout=layout):
         for b in it:
             inputs = b.to(device).model_inputs(model)  # with the positions of a left-padded batch

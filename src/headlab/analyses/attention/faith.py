@@ -38,7 +38,7 @@ from headlab.heads import Head, heads_by_layer, top_heads
 from headlab.hooks import record
 from headlab.interventions import Intervention, Patch, Plan, StatsSource, intervention_from_name
 from headlab.metrics import Metric, get_metric
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, describe, input_device
 from headlab.parts import Context, Part
 
 __all__ = [
@@ -89,7 +89,7 @@ def _intervention(
                 f"the counterfactual ({len(counterfactual)} x {counterfactual.seq_len}) must have "
                 f"at least {len(batch)} examples of length {batch.seq_len}, position-aligned"
             )
-        device = next(model.parameters()).device
+        device = input_device(model)
         cf = counterfactual.slice(0, len(batch)).to(device)
         return "patch", Patch(record(model, cf.model_inputs()))
     iv = intervention_from_name(method)

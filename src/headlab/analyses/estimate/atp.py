@@ -45,7 +45,7 @@ from headlab.interventions import (
     intervention_from_name,
 )
 from headlab.metrics import Metric, Scores, get_metric
-from headlab.models.layout import Layout, call_model, describe
+from headlab.models.layout import Layout, call_model, describe, input_device
 
 __all__ = [
     "ESTIMATE_METHODS",
@@ -146,7 +146,7 @@ def _grad_pass(
     """One forward + backward on ``chunk``: per method ``sum_{t,d} (r - z) . dTotal/dz`` (for
     ``gradient``: ``sum z . dTotal/dz``) as ``[batch, layer, head]``, the per-example weights,
     and the clean total."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     dtype = next(model.parameters()).dtype
     chunk = chunk.to(device)
     n, seq = len(chunk), chunk.seq_len
@@ -277,7 +277,7 @@ def counterfactual_patch(
             f"the counterfactual batch ({len(counterfactual)} x {counterfactual.seq_len}) "
             f"must match the batch ({len(batch)} x {batch.seq_len}) position by position"
         )
-    device = next(model.parameters()).device
+    device = input_device(model)
     return Patch(record(model, counterfactual.to(device).model_inputs(), layers=None))
 
 

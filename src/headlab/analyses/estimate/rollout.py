@@ -18,7 +18,7 @@ from headlab.analyses.attention.maps import mixed_attention
 from headlab.batch import Batch
 from headlab.errors import ConfigError
 from headlab.models.attention import eager_attention
-from headlab.models.layout import Layout, call_model, describe
+from headlab.models.layout import Layout, call_model, describe, input_device
 
 __all__ = ["rollout_per_example", "rollout_scores"]
 
@@ -106,7 +106,7 @@ def rollout_per_example(
         raise ConfigError("rollout traces token positions; it needs a batch of input_ids")
     if sources not in ("context", "previous"):
         raise ConfigError(f"rollout sources must be 'context' or 'previous', got {sources!r}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     parts = []
     with torch.no_grad(), eager_attention(model):
         for chunk in batch.chunks(batch_size):

@@ -44,7 +44,7 @@ from headlab.analyses.gates.core import (
 from headlab.analyses.gates.taxonomy import head_taxonomy
 from headlab.batch import Batch
 from headlab.errors import ConfigError, check_count
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, describe, input_device
 from headlab.parts import Context, OnForward, Part
 
 __all__ = [
@@ -179,7 +179,7 @@ def fit_theta(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[torch.Tensor, pd.DataFrame]:
     """One CHG fit from ``theta0`` (``[mask, layer, head]``): the fitted ``theta`` and curve."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     theta = theta0.detach().clone().to(device).requires_grad_(True)
     data = nll_pass(model, batch, loss_targets(batch), layout, config.rows_per_forward)
 
@@ -331,7 +331,7 @@ def gate_nll(
             {"gates": "clean", "mask": 0, "nll": clean, "mean_gate": 1.0, "n_open": n_heads}
         )
         for name, g in gates.items():
-            nll = data(g.to(next(model.parameters()).device), False)["nll"]
+            nll = data(g.to(input_device(model)), False)["nll"]
             for m in range(g.shape[0]):
                 rows.append(
                     {

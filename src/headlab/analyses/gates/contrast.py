@@ -44,7 +44,7 @@ from headlab.analyses.gates.core import (
 )
 from headlab.batch import Batch
 from headlab.errors import ConfigError, check_count
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, describe, input_device
 from headlab.parts import Context, OnForward, Part
 
 __all__ = [
@@ -188,7 +188,7 @@ def contrastive_chg(
     layout = layout or describe(model)
     check_contrast(retain, forget)
     data = contrastive_pass(model, retain, forget, layout, config.margin, config.rows_per_forward)
-    device = next(model.parameters()).device
+    device = input_device(model)
     shape = (config.n_masks, layout.n_layers, layout.n_heads)
     theta = init_theta(shape, config.seed).to(device).requires_grad_(True)
 

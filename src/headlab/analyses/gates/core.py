@@ -33,7 +33,7 @@ from headlab.errors import ConfigError, HeadlabError
 from headlab.hooks import intervene, tap_output_head
 from headlab.interventions import Intervention, Plan, Selection, Site, StatsSource
 from headlab.metrics import next_token_mask
-from headlab.models.layout import Layout, call_model
+from headlab.models.layout import Layout, call_model, input_device
 
 __all__ = [
     "DataPass",
@@ -169,7 +169,7 @@ def masked_nll(
     """
     n_mask = 1 if gates is None else gates.shape[0]
     b = len(chunk)
-    device = next(model.parameters()).device
+    device = input_device(model)
     inputs = {
         k: v.to(device).repeat(n_mask, *([1] * (v.ndim - 1)))  # [mask * batch, ...]
         for k, v in chunk.model_inputs().items()
@@ -181,9 +181,9 @@ def masked_nll(
             stack.enter_context(intervene(model, gate_plan(gates), layout=layout))
         tap = None
         if targets.kind != "class":
-            try:
+            try:  # the head gets the target positions only: [1, mask * n, d]
                 tap = stack.enter_context(
-                    tap_output_head(model, lambda h: h[rows, pos][None])  # [1, mask * n, d]
+                    tap_output_head(model, lambda h: h[rows.to(h.device), pos.to(h.device)][None])
                 )
             except HeadlabError:
                 tap = None

@@ -38,7 +38,7 @@ from headlab.engine import run_plans
 from headlab.errors import ConfigError, check_count
 from headlab.interventions import Gate, Plan, Site, Zero
 from headlab.metrics import get_metric
-from headlab.models.layout import Layout, describe
+from headlab.models.layout import Layout, describe, input_device
 from headlab.parts import Context, OnForward, Part
 
 __all__ = [
@@ -154,7 +154,7 @@ def fit_l0(
     config = config or L0Config()
     check_l0_lambdas([lam])
     layout = layout or describe(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     shape = (layout.n_layers, layout.n_heads)
     log_alpha = torch.full(shape, float(config.init_log_alpha), device=device, requires_grad=True)
     gen = torch.Generator().manual_seed(config.seed)
@@ -352,6 +352,6 @@ def _nll_of(
 ) -> torch.Tensor:
     """The fitted objective's NLL under each deterministic gate set: ``[len(gates)]``."""
     data = nll_pass(model, batch, loss_targets(batch), layout, config.rows_per_forward)
-    stacked = torch.stack(gates).to(next(model.parameters()).device)  # [n, layer, head]
+    stacked = torch.stack(gates).to(input_device(model))  # [n, layer, head]
     with frozen(model), torch.no_grad():
         return data(stacked, False)["nll"]

@@ -26,7 +26,7 @@ from headlab.errors import ConfigError
 from headlab.heads import Head
 from headlab.hooks import HookReport, intervene
 from headlab.interventions import Plan, Scale
-from headlab.models.layout import Layout, max_positions
+from headlab.models.layout import Layout, input_device, max_positions
 
 __all__ = [
     "GenerateConfig",
@@ -122,7 +122,7 @@ def generate_ids(
             f"a prompt of {longest} tokens plus {config.max_new_tokens} new tokens exceeds the "
             f"model's context of {limit} positions; shorten the prompt or lower max_new_tokens"
         )
-    device = next(model.parameters()).device
+    device = input_device(model)
     gc = _hf_config(config, pad_token_id, eos_token_id)
     out: list[list[int]] = []
     cuda = [device] if device.type == "cuda" else []

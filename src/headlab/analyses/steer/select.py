@@ -48,7 +48,8 @@ from headlab.errors import ConfigError, HeadlabError
 from headlab.heads import Head
 from headlab.hooks import blocks_of, record
 from headlab.metrics import Metric, Scores
-from headlab.models.layout import Layout, describe
+from headlab.models.dispatch import loaded_weights
+from headlab.models.layout import Layout, describe, input_device
 from headlab.parts import Context, Part
 
 __all__ = [
@@ -96,7 +97,8 @@ def concept_dictionary(
     folded in (and centred for LayerNorm), in float64."""
     if not token_ids:
         raise ConfigError("the concept has no tokens; give at least one word")
-    unembed = model.get_output_embeddings().weight.detach().double()  # [vocab, d_model]
+    with loaded_weights(model.get_output_embeddings()) as head:  # also where offloaded
+        unembed = head.weight.detach().double()  # [vocab, d_model]
     ids = torch.tensor(list(token_ids), dtype=torch.long)
     if int(ids.max()) >= unembed.shape[0] or int(ids.min()) < 0:
         raise ConfigError(f"token ids {list(token_ids)} are outside the vocabulary")
@@ -105,7 +107,8 @@ def concept_dictionary(
     atoms = unembed[ids] - unembed.mean(0)  # [m, d_model]
     norm = final_norm(model, layout)
     if norm is not None:
-        gain = norm.weight.detach().double()
+        with loaded_weights(norm):
+            gain = norm.weight.detach().double()
         if type(norm).__name__.startswith("Gemma"):
             gain = 1.0 + gain  # Gemma's RMSNorm multiplies by (1 + weight)
         atoms = atoms * gain
@@ -173,7 +176,7 @@ def head_contributions(
     layout = layout if layout is not None else describe(model)
     if positions not in ("last", "all"):
         raise ConfigError(f"positions must be 'last' or 'all', got {positions!r}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     acts = record(model, batch.to(device).model_inputs())
     mask = batch.attention_mask.bool() if batch.attention_mask is not None else None
     if positions == "last":
@@ -186,8 +189,9 @@ def head_contributions(
     with torch.no_grad():
         for ly in range(layout.n_layers):
             z = acts[ly][keep.to(acts[ly].device)].double()  # [n, head, d_head]
-            for h in range(layout.n_heads):
-                w = layout.out_weight_columns(ly, h).detach().double()  # [d_model, d_head]
+            with loaded_weights(layout.out_projs[ly]):  # also where offloaded
+                w_o = [layout.out_weight_columns(ly, h).double() for h in range(layout.n_heads)]
+            for h, w in enumerate(w_o):  # w: [d_model, d_head], a copy
                 out[(ly, h)] = (z[:, h] @ w.T).cpu()  # [n, d_model]
     return out
 
