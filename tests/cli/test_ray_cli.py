@@ -114,7 +114,15 @@ def _steer(folder, out, **kw):  # parts that generate text: the tokenizer is reb
     )  # fmt: skip
 
 
+def _estimate(folder, out, **kw):  # the exact check runs as sweep parts
+    return hl.run_estimate(
+        out=out, model=folder, **DOCS, methods=["atp:zero", "atp:mean"], exact_top=3, n_random=2,
+        bins=50, **kw,
+    )  # fmt: skip
+
+
 JOBS = {
+    "estimate": (_estimate, ["estimates.parquet", "exact.parquet", "correlation.csv"]),
     "prune": (_prune, ["results.parquet", "summary.csv", "removable.csv"]),
     "compare": (_compare, ["per_example.parquet", "scores.parquet", "agreement.csv"]),
     "gate": (_gate, ["heads.parquet", "summary.csv", "curves.parquet"]),

@@ -16,10 +16,9 @@ from headlab.errors import ConfigError
 from headlab.jobs.executors import SerialExecutor, make_executor
 from headlab.parts import ModelSpec
 
-#: the commands whose work splits into parts (estimate has none: its exact check calls the
-#: analyses directly)
-PART_COMMANDS = ["sweep", "prune", "cascade", "shift", "detect", "compare", "gate", "l0", "steer",
-                 "attention"]  # fmt: skip
+#: the commands whose work splits into parts (estimate: its exact check)
+PART_COMMANDS = ["sweep", "estimate", "prune", "cascade", "shift", "detect", "compare", "gate",
+                 "l0", "steer", "attention"]  # fmt: skip
 RAY_ARGS = ["--executor", "ray", "--ray-address", "auto", "--workers", "2", "--gpus-per-worker",
             "0.5"]  # fmt: skip
 

@@ -7,10 +7,12 @@ import argparse
 
 from headlab.cli.common import (
     add_data_args,
+    add_executor_args,
     add_model_args,
     add_run_args,
     csv_list,
     data_kwargs,
+    executor_kwargs,
     non_negative_int,
     positive_int,
     status,
@@ -64,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bins", type=positive_int("--bins"), default=1000, help="histogram bins for atp:peak"
     )
     add_run_args(p)
+    add_executor_args(p)
     p.add_argument("--top", type=positive_int("--top"), default=5, help="heads to print per method")
 
 
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         on_status=status(args),
         command=command_line(),
         **data_kwargs(args),
+        **executor_kwargs(args),
     )
     print_summary(result, args.top)
     return 0

@@ -12,19 +12,24 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from headlab.analyses.estimate import check_methods, estimate, estimate_then_exact
-from headlab.analyses.sweep import rank_heads, tidy
+from headlab.analyses.sweep import rank_heads, sweep_plan, tidy
 from headlab.batch import Batch
 from headlab.errors import ConfigError
+from headlab.heads import Head
+from headlab.interventions import Intervention
 from headlab.jobs.base import (
     check_count,
+    execute,
     identity_of,
     job_stats,
+    load_parts,
     needs_stats,
     open_run,
     stats_config,
 )
+from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Inputs, Prepared, prepare
-from headlab.metrics import get_metric
+from headlab.metrics import Metric, get_metric
 from headlab.models.load import DEFAULT_MODEL
 from headlab.plots.estimate import estimate_figures
 from headlab.runs import RunDir
@@ -79,12 +84,17 @@ def run_estimate(
     on_status: Callable[[str], None] | None = None,
     command: list[str] | None = None,
     prepared: Prepared | None = None,
+    executor: str | Executor = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> EstimateResult:
     """Estimate every head's importance at once, optionally check the estimates by exact
     ablation (``exact_top`` > 0), and write a run directory.
 
     Mirrors ``headlab estimate``; see ``headlab estimate --help`` for the meaning of every option.
-    Returns the tables and the figures; prints nothing unless ``progress``.
+    Returns the tables and the figures; prints nothing unless ``progress``. The exact check
+    runs as sweep parts (``exact-METHOD-METRIC-*``: resumable, and on Ray with ``executor``).
     """
     methods = list(methods)
     if not methods:
@@ -93,6 +103,9 @@ def run_estimate(
     check_count("--exact-top", exact_top, low=0)
     check_count("--n-random", n_random, low=0)
     check_count("--batch-size", batch_size)
+    ex = make_executor(
+        executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
+    )
     inputs = Inputs(
         model=model, dtype=dtype, device=device, data=None if task else data, task=task,
         text_field=text_field, seq_len=seq_len, n_blocks=n_blocks, n_stats_blocks=n_stats_blocks,
@@ -116,7 +129,7 @@ def run_estimate(
     with open_run(
         out, "estimate", identity, tokens=batch, command=command, force=force,
         on_status=on_status,
-    ) as run:  # fmt: skip
+    ) as run, ex:  # fmt: skip
         stats = None
         if needs_stats(methods):
             stats = job_stats(
@@ -132,10 +145,21 @@ def run_estimate(
         )  # fmt: skip
         exact = correlation = None
         if exact_top > 0:
+            ctx = prepared.context(stats, batch_size)
+
+            def exact_sweep(iv: Intervention, metric: Metric, heads: list[Head]) -> pd.DataFrame:
+                prefix = f"exact-{metric.name}-"
+                parts = sweep_plan(
+                    prepared.layout, methods=[iv], metrics=[metric], heads=heads, prefix=prefix
+                )
+                execute(run, parts, ctx, progress=progress, desc="exact check", executor=ex)
+                done = load_parts(run, prefix)
+                return done[done["method"] == iv.label].reset_index(drop=True)
+
             exact, correlation = _check(
                 prepared, table, methods, metric_names, exact_top=exact_top, n_random=n_random,
                 stats=stats, counterfactual=counterfactual, batch_size=batch_size,
-                on_status=on_status,
+                on_status=on_status, exact_sweep=exact_sweep,
             )  # fmt: skip
             run.save_table("exact.parquet", exact)
             run.save_table("correlation.csv", correlation)
@@ -172,6 +196,7 @@ def _check(
     counterfactual: Batch | None,
     batch_size: int,
     on_status: Callable[[str], None] | None,
+    exact_sweep: Callable[..., pd.DataFrame] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Exact ablation of each method's top ``exact_top`` heads plus ``n_random`` others: the
     exact table and the estimate-vs-exact correlations."""
@@ -184,6 +209,7 @@ def _check(
                 prepared.model, prepared.eval, method=method, metric=metric, exact_top=exact_top,
                 n_random=n_random, seed=prepared.inputs.seed, layout=prepared.layout,
                 estimates=table, stats=stats, counterfactual=counterfactual, batch_size=batch_size,
+                exact_sweep=exact_sweep,
             )  # fmt: skip
             checks.append(check)
     exact = pd.concat([c.exact for c in checks], ignore_index=True)

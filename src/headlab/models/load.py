@@ -309,7 +309,9 @@ def _load_pretrained(
                     "device_map": plan_device_map(cls, config, dtype, dispatch, ref),
                     "offload_folder": dispatch.offload_folder,
                 }
-            model = cls.from_pretrained(ref, dtype=dtype, use_safetensors=safe, **placement, **kw)
+            model = cls.from_pretrained(  # the config parsed above, not read a second time
+                ref, config=config, dtype=dtype, use_safetensors=safe, **placement, **kw
+            )
             break
         except HeadlabError:
             raise

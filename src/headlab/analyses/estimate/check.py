@@ -4,6 +4,7 @@ sample exactly (through the engine), and report the estimate-vs-exact rank corre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,12 +73,16 @@ def estimate_then_exact(
     batch_size: int = 8,
     layout: Layout | None = None,
     estimates: pd.DataFrame | None = None,
+    exact_sweep: Callable[[Intervention, Metric, list[tuple[int, int]]], pd.DataFrame]
+    | None = None,
 ) -> EstimateCheck:
     """Estimate every head cheaply, ablate the ``exact_top`` heads with the largest |estimated
     effect| plus ``n_random`` others drawn with ``seed`` exactly (through the engine), and
     report the rank correlation between estimate and exact effect.
 
     ``estimates`` reuses a table from :func:`estimate` (same batch) instead of recomputing it.
+    ``exact_sweep(intervention, metric, heads)`` runs the exact ablations instead of
+    :func:`headlab.sweep` (a job runs them as sweep parts, resumable and on any executor).
     """
     layout = layout if layout is not None else describe(model)
     m = get_metric(metric)
@@ -107,16 +112,13 @@ def estimate_then_exact(
     rand = [rest[i] for i in sorted(pick)]
     patch = counterfactual_patch(model, batch, [method], counterfactual)
     iv = _exact_for(method, patch)
-    exact = sweep(
-        model,
-        batch,
-        methods=[iv],
-        metrics=[m],
-        stats=stats,
-        heads=top + rand,
-        batch_size=batch_size,
-        layout=layout,
-    )
+    if exact_sweep is not None:
+        exact = exact_sweep(iv, m, top + rand)
+    else:
+        exact = sweep(
+            model, batch, methods=[iv], metrics=[m], stats=stats, heads=top + rand,
+            batch_size=batch_size, layout=layout,
+        )  # fmt: skip
     key = ["layer", "head"]
     joined = est[[*key, "effect"]].merge(exact[[*key, "effect"]], on=key, suffixes=("_est", ""))
     in_rand = joined.set_index(key).index.isin(rand)
