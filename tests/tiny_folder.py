@@ -29,8 +29,11 @@ def make_tokenizer(vocab_size: int = 320) -> tf.PreTrainedTokenizerFast:
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
 
 
-def make_model_folder(path: Path, *, seed: int = 0) -> Path:
-    tokenizer = make_tokenizer()
+def make_model_folder(
+    path: Path, *, seed: int = 0, tokenizer: tf.PreTrainedTokenizerFast | None = None
+) -> Path:
+    """The tiny Llama saved in ``path`` (with ``tokenizer``, default :func:`make_tokenizer`)."""
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
     config = tf.LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

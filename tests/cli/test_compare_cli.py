@@ -173,7 +173,7 @@ def test_run_compare_writes_what_the_cli_writes(tiny_folder, compared, tmp_path)
         n_stats_blocks=4, batch_size=2, bins=50, top_k=3, bootstrap=200,
     )  # fmt: skip
     assert result.run_dir.path == out and result.reference == "ablation:zero"
-    assert set(result.figures) == {"compare.png"} and result.off_target is None
+    assert set(result.figures) == {"compare.png", "recall_cost.png"} and result.off_target is None
     for name in ("per_example.parquet", "scores.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(compared / name))
     for name in ("agreement.csv", "pairs.csv"):

@@ -306,10 +306,13 @@ def test_auto_without_a_gpu_keeps_the_model_on_the_cpu(tmp_path, tokenizer, monk
 def test_the_default_model_loads_through_the_same_dispatch(tmp_path, tokenizer, monkeypatch):
     """The embedded default is a converted safetensors folder in the cache: ``load_model`` hands
     it the device map like any folder (the real model: tests/slow/test_device_map_default.py)."""
-    from headlab.models import load as load_module
+    from dataclasses import replace
+
+    from headlab.models.named import NAMED_MODELS
 
     folder = save_tiny("llama", tmp_path / "model", tokenizer)
-    monkeypatch.setattr(load_module, "_default_folder", lambda on_status, progress: folder)
+    entry = replace(NAMED_MODELS["smollm2-135m"], folder=lambda on_status, progress: folder)
+    monkeypatch.setitem(NAMED_MODELS, "smollm2-135m", entry)
     plain, _ = load_model(folder)
     model, _ = load_model(
         "smollm2-135m", device_map=split_map(plain), offload_folder=tmp_path / "off"

@@ -31,12 +31,12 @@ LAYERS = [
     ("headlab.analyses", 6),
     ("headlab.plots", 7),
     ("headlab.runs", 7),
-    ("headlab.report", 7),
+    ("headlab.atlas", 7),
     ("headlab.jobs", 8),
     ("headlab.cli", 9),
 ]
 NAMES = {0: "errors", 1: "models", 2: "interventions", 3: "hooks", 4: "stats/data/metrics",
-         5: "engine", 6: "analyses", 7: "plots/runs", 8: "jobs", 9: "cli"}  # fmt: skip
+         5: "engine", 6: "analyses", 7: "plots/runs/atlas", 8: "jobs", 9: "cli"}  # fmt: skip
 
 
 def layer_of(module: str) -> int | None:

@@ -11,7 +11,8 @@ ablated layer on, against the clean run on the same tokens:
   0.003 for Gaussian coordinates, more for heavy tails).
 
 and at the output (``at_layer = n_layers``): ``kl`` = KL(P_clean || P_abl) of the next-token
-distribution and ``ce`` (value, clean baseline, delta), both from :func:`headlab.engine.run_plans`.
+distribution and ``ce`` (value, clean baseline, delta), both from :func:`headlab.engine.run_plans`;
+for a bare encoder (no LM head) ``embed_cos``, the cosine distance of the sentence embedding.
 
 The table is tidy: ``method, target, layer, head, n_heads, at_layer, metric, value, baseline,
 delta``; ``layer`` is the first ablated layer, ``head`` the ablated head (-1 for several).
@@ -34,6 +35,7 @@ from headlab.heads import Head
 from headlab.hooks import BlockOutput, blocks_of, capture_blocks, intervene
 from headlab.interventions import Intervention, Plan, StatsSource, example_offset
 from headlab.interventions import intervention_from_name as _parse
+from headlab.models.kinds import is_bare
 from headlab.models.layout import Layout, call_model, describe, input_device
 from headlab.parts import Context, OnForward, Part
 
@@ -227,7 +229,10 @@ def shift(
         if c.intervention.needs is not None and stats is None:
             raise ConfigError(f"method {c.method!r} needs activation statistics; pass stats=...")
     if batch.input_ids is None:
-        raise ConfigError("distribution shift is measured on text batches (input_ids)")
+        raise ConfigError(
+            "distribution shift is measured on text batches (input_ids); it does not apply to a "
+            "vision model's pixel_values"
+        )
     blocks = blocks_of(model, layout)
     d_model = int(getattr(model.config, "hidden_size", 0) or model.config.n_embd)
 
@@ -240,11 +245,12 @@ def shift(
     ref = clean.mean_sd()
     clean_beyond = pass_(Plan(), ref).beyond / (clean.tokens * d_model)
     clean_norm = clean.norm / clean.tokens
+    ends = ["embed_cos"] if is_bare(model) else ["kl", "ce"]  # a bare encoder has no logits
     outputs = run_plans(
-        model, batch, [Plan(), *(c.plan for c in conds)], ["kl", "ce"], stats=stats,
+        model, batch, [Plan(), *(c.plan for c in conds)], ends, stats=stats,
         batch_size=batch_size, layout=layout,
     )  # fmt: skip
-    base_ce = outputs[0]["ce"].mean
+    base = {m: outputs[0][m].mean for m in ends}  # kl and embed_cos: exactly 0
     rows = []
     for k, (c, out) in enumerate(zip(conds, outputs[1:], strict=True)):
         acc = pass_(c.plan, ref)
@@ -258,9 +264,9 @@ def shift(
             rows.append([*info, ly, "norm_ratio", ratio, 1.0, ratio - 1.0])
             b, cb = float(beyond[ly]), float(clean_beyond[ly])
             rows.append([*info, ly, "frac_3sigma", b, cb, b - cb])
-        kl, ce = out["kl"].mean, out["ce"].mean
-        rows.append([*info, layout.n_layers, "kl", kl, 0.0, kl])
-        rows.append([*info, layout.n_layers, "ce", ce, base_ce, ce - base_ce])
+        for m in ends:
+            value = out[m].mean
+            rows.append([*info, layout.n_layers, m, value, base[m], value - base[m]])
         if on_condition is not None:
             on_condition(k + 1)
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -24,6 +24,7 @@ COMMANDS = (
     "l0",
     "steer",
     "attention",
+    "report",
 )
 
 
@@ -63,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        if code == 0 and getattr(args, "report", False):
+            _report(args)
+        return code
     except HeadlabError as err:
         print(f"headlab: error: {err}", file=sys.stderr)
         return 2
@@ -73,6 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def _report(args: argparse.Namespace) -> None:
+    """``--report`` (every command with a run directory): the head atlas of the run just
+    written, as ``<out>/atlas.html``."""
+    from pathlib import Path
+
+    from headlab.cli.common import status
+    from headlab.cli.report import print_result
+    from headlab.jobs.report import run_report
+
+    out = Path(args.out)
+    print_result(run_report([out], out=out / "atlas.html", on_status=status(args)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from headlab.cli.common import (
+    add_counterfactual_args,
     add_data_args,
     add_executor_args,
     add_model_args,
@@ -66,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--method",
         default="zero",
         help="causal effect: zero, mean, median, peak, resample[:SEED], scale:ALPHA, or patch "
-        "(activations from the statistics split, position-aligned)",
+        "(activations on the --counterfactual pairs' corrupted sides; a corpus without pairs: "
+        "the statistics split, position-aligned)",
     )
     g.add_argument("--metric", default=None, help="default: the task's metric, ce for corpora")
     g.add_argument(
@@ -86,6 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--top", type=positive_int("--top"), default=5, help="heads to print per ranking"
     )
     add_stats_args(p)
+    add_counterfactual_args(
+        p,
+        extra=" attention: the pairs' clean sides are the examples whose plausibility and "
+        "faithfulness are compared; with --method patch, faithfulness is each head's exact "
+        "patching effect (its output on the corrupted side).",
+    )
     add_run_args(p)
     add_executor_args(p)
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from headlab.defaults import DEFAULT_MODEL, DEVICE_MAPS
+from headlab.defaults import DEFAULT_BINS, DEFAULT_MODEL, DEFAULT_N_STATS_BLOCKS, DEVICE_MAPS
 from headlab.memory import parse_max_memory
 
 if TYPE_CHECKING:
@@ -20,8 +20,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--model",
         default=DEFAULT_MODEL,
         metavar="ID_OR_PATH",
-        help="'smollm2-135m' (embedded default), a local Hugging Face folder, or a hub "
-        "id that is cached (or reachable online)",
+        help="a named model: 'smollm2-135m' (the default, a decoder), 'minilm' "
+        "(all-MiniLM-L6-v2, a BERT sentence encoder without an LM head, scored by embed_cos), "
+        "'digits-vit' (a small ViT trained here on scikit-learn's 8x8 digits, on first use; "
+        "reads --data digits, scored by cls_ce and cls_acc); or a local Hugging Face folder, or "
+        "a hub id that is cached (or reachable online)",
     )
     g.add_argument(
         "--dtype",
@@ -88,7 +91,8 @@ def add_data_args(
         default=default_data,
         metavar="NAME_OR_PATH",
         help="built-in corpus (python-docs, austen), a text file, a folder of text "
-        "files, a .jsonl file, or a saved Hugging Face dataset folder",
+        "files, a .jsonl file, or a saved Hugging Face dataset folder; for --model digits-vit: "
+        "digits (its default: held-out images to evaluate, training images for statistics)",
     )
     src.add_argument(
         "--task",
@@ -108,13 +112,13 @@ def add_data_args(
         "--n-blocks",
         type=positive_int("--n-blocks"),
         default=n_blocks,
-        help="evaluation blocks (or task examples)",
+        help="evaluation blocks (or task examples, or images)",
     )
     g.add_argument(
         "--n-stats-blocks",
         type=positive_int("--n-stats-blocks"),
-        default=16,
-        help="blocks for activation statistics, disjoint from evaluation",
+        default=DEFAULT_N_STATS_BLOCKS,
+        help="blocks (or images) for activation statistics, disjoint from evaluation",
     )
     g.add_argument(
         "--stats-data",
@@ -123,6 +127,35 @@ def add_data_args(
         help="collect statistics on this corpus instead of the data's own split",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for block choice and sampling")
+
+
+#: what ``--counterfactual`` reads, shown in the help of every command that takes it
+COUNTERFACTUAL_FORMAT = (
+    "Patching (method patch, atp:patch) replaces each head's output by its output on a "
+    "position-aligned counterfactual input. --counterfactual FILE.jsonl: one pair per line, "
+    '{"clean": "When Mary and John went to the store, John gave a drink to", '
+    '"corrupted": "When Amy and Lisa went to the store, Tom gave a drink to", '
+    '"answer": " Mary", "wrong": " John"}; clean and corrupted of equal token length; answer '
+    "and the optional wrong one token each as written (mind the leading space); with wrong "
+    "on every line the metric is logit_diff, else answer_logprob. The clean sides are the "
+    "examples (every pair; --n-blocks does not apply), the corrupted sides also the statistics "
+    "inputs unless --stats-data. --counterfactual builtin (the default with --task names or "
+    "capitals when a method patches): each example's minimal pair (names: the same template "
+    "with three other names, the ABC counterfactual; capitals: another country). Saved in "
+    "the run directory as counterfactual.safetensors."
+)
+
+
+def add_counterfactual_args(p: argparse.ArgumentParser, *, extra: str = "") -> None:
+    """``--counterfactual FILE|builtin`` (its own help group, documenting the pairs format);
+    :func:`data_kwargs` passes it on. ``extra``: what it means for this command."""
+    g = p.add_argument_group("counterfactual pairs", COUNTERFACTUAL_FORMAT + extra)
+    g.add_argument(
+        "--counterfactual",
+        default=None,
+        metavar="FILE|builtin",
+        help="clean/corrupted pairs (JSONL, format above) or 'builtin' (--task names, capitals)",
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser, *, default_out: str | None = None) -> None:
@@ -144,6 +177,11 @@ def add_run_args(p: argparse.ArgumentParser, *, default_out: str | None = None) 
         help="examples per forward pass",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    g.add_argument(
+        "--report",
+        action="store_true",
+        help="also write the head atlas of this run, <out>/atlas.html (see headlab report)",
+    )
 
 
 def add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -264,7 +302,11 @@ def _heads_from_text(text: str) -> list[tuple[int, int]]:
 
 
 def data_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The job keywords of the model and data options (and ``--counterfactual`` where the
+    command takes it)."""
+    extra = {"counterfactual": args.counterfactual} if hasattr(args, "counterfactual") else {}
     return {
+        **extra,
         "model": args.model,
         "dtype": args.dtype,
         "device": args.device,
@@ -311,7 +353,7 @@ def int_list(text: str) -> list[int]:
 def add_stats_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("statistics")
     g.add_argument(
-        "--bins", type=positive_int("--bins"), default=1000, help="histogram bins for peak"
+        "--bins", type=positive_int("--bins"), default=DEFAULT_BINS, help="histogram bins for peak"
     )
     g.add_argument(
         "--reservoir",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from headlab.cli.common import (
+    add_counterfactual_args,
     add_data_args,
     add_executor_args,
     add_model_args,
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--methods",
         default="zero,mean",
-        help="exact single-head ablations (measures ablation:METHOD); the first is the reference",
+        help="exact single-head ablations (measures ablation:METHOD; patch: exact patching "
+        "from --counterfactual); the first is the reference",
     )
     g.add_argument(
         "--measures",
@@ -88,6 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default) to skip",
     )
     add_stats_args(p)
+    add_counterfactual_args(
+        p,
+        extra=" compare: --methods patch measures exact patching from the pairs, atp:patch (or "
+        "atp with patch among --methods) its attribution-patching estimate, on the same examples.",
+    )
     add_run_args(p)
     add_executor_args(p)
 
@@ -135,11 +142,13 @@ def print_summary(result) -> None:
         r0 = agreement.iloc[0]
         print(
             f"Spearman ρ of |importance| with {r0.reference} over {r0.n_heads} heads "
-            f"({r0.n_examples} examples, {r0.n_boot} bootstrap resamples), top-{r0.k} overlap:"
+            f"({r0.n_examples} examples, {r0.n_boot} bootstrap resamples), recall of its top-{r0.k}"
+            ", cost in forward passes per example (share of the exact sweep's):"
         )
         for r in agreement.itertuples():
             ci = "" if pd.isna(r.ci_low) else f" [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
-            print(f"  {r.measure:<15} ρ = {r.spearman:+.3f}{ci}  top-{r.k} {r.topk_overlap:.2f}")
+            fwd = "" if pd.isna(r.cost) else f"  cost {r.cost:.3g} ({r.cost_fraction:.1%})"
+            print(f"  {r.measure:<15} ρ = {r.spearman:+.3f}{ci}  recall@{r.k} {r.recall:.2f}{fwd}")
         others = pairs[pairs["measure"] != pairs["other"]].groupby("measure", sort=False)
         print("mean Spearman ρ with the other measures:")
         print("  " + ", ".join(f"{m} {v:+.2f}" for m, v in others["spearman"].mean().items()))

@@ -8,7 +8,8 @@ import time
 NAME = "demo"
 HELP = (
     "Sweep every head of SmolLM2-135M-Instruct on the induction task (statistics from the "
-    "python-docs corpus) under zero, mean and peak ablation; prints the top heads."
+    "python-docs corpus) under zero, mean and peak ablation; prints the top heads and writes "
+    "the run's head atlas (atlas.html in --out)."
 )
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from headlab.cli.common import csv_list, status
     from headlab.cli.sweep import print_summary
     from headlab.jobs.base import command_line
-    from headlab.jobs.demo import run_demo
+    from headlab.jobs.demo import ATLAS, run_demo
 
     start = time.perf_counter()
     result = run_demo(
@@ -41,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print("\nheadlab demo: SmolLM2-135M-Instruct, induction task (loss on the repeated half)")
     print_summary(result, top=5)
+    print(f"atlas: {result.run_dir.path / ATLAS} (open it in a browser; it works offline)")
     print(f"wall time: {time.perf_counter() - start:.0f} s")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from headlab.cli.common import (
+    add_counterfactual_args,
     add_data_args,
     add_executor_args,
     add_model_args,
@@ -17,6 +18,7 @@ from headlab.cli.common import (
     positive_int,
     status,
 )
+from headlab.defaults import DEFAULT_BINS
 
 NAME = "estimate"
 HELP = (
@@ -34,7 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--method",
         default="atp:zero,gradient,rollout",
         help="comma-separated: atp:zero, atp:mean, atp:median, atp:peak, atp:resample, "
-        "atp:scale:ALPHA, atp:patch (counterfactual: the statistics split), gradient, rollout",
+        "atp:scale:ALPHA, atp:patch (--counterfactual pairs; a corpus without them: the "
+        "statistics split), gradient, rollout, "
+        "ig:METHOD[:STEPS] (layer-wise integrated gradients toward the same replacements, e.g. "
+        "ig:zero:2; a trailing integer is the step count; costs about 3 x STEPS / heads-per-layer "
+        "of an exact sweep)",
     )
     g.add_argument(
         "--metric",
@@ -63,7 +69,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rollout: mass routed from the target position to positions 1..t-1 or to t-1",
     )
     g.add_argument(
-        "--bins", type=positive_int("--bins"), default=1000, help="histogram bins for atp:peak"
+        "--bins",
+        type=positive_int("--bins"),
+        default=DEFAULT_BINS,
+        help="histogram bins for atp:peak",
+    )
+    add_counterfactual_args(
+        p,
+        extra=" estimate saves every estimate per example (per_example.parquet); with "
+        "--exact-top, atp:patch is checked against exact patching from the same pairs.",
     )
     add_run_args(p)
     add_executor_args(p)

@@ -83,10 +83,11 @@ def _print(table) -> None:
     """For the condition with the most heads: each method's largest departure and output KL."""
     target = table[table["n_heads"] == table["n_heads"].max()]["target"].iloc[0]
     sub = table[table["target"] == target]
-    print(f"ablating {target}: largest norm ratio, largest beyond-3sd fraction, output KL")
+    end, word = ("kl", "KL") if (sub["metric"] == "kl").any() else ("embed_cos", "embed_cos")
+    print(f"ablating {target}: largest norm ratio, largest beyond-3sd fraction, output {word}")
     for method, g in sub.groupby("method", sort=False):
         nr = g[g["metric"] == "norm_ratio"]["value"]
         b3 = g[g["metric"] == "frac_3sigma"]["value"]
-        kl = g[g["metric"] == "kl"]["value"].iloc[0]
+        kl = g[g["metric"] == end]["value"].iloc[0]
         far = nr.iloc[(nr - 1).abs().argmax()]
-        print(f"  {method:>9}: norm ratio {far:.3f}  beyond 3sd {b3.max():.4f}  KL {kl:.4f}")
+        print(f"  {method:>9}: norm ratio {far:.3f}  beyond 3sd {b3.max():.4f}  {word} {kl:.4f}")

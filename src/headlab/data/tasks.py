@@ -12,6 +12,19 @@ Every batch has one length (names, places and countries are restricted to single
 the templates of the most common token length are kept), so no padding is needed. ``answer_pos``
 is the last position; one-position tasks have no next-token targets (``target_mask`` is all
 False). The statistics batch comes from the same generator with an independent seed stream.
+
+``names`` and ``capitals`` also build the *minimal pair* of every evaluation example
+(:attr:`Task.counterfactual`, what ``patch`` and ``atp:patch`` patch in; ``--counterfactual
+builtin``): the same prompt, token for token, with only the words that decide the answer changed.
+
+- ``names``: the ABC counterfactual of IOI work: the same template, place and object with three
+  other names, distinct from each other and from the example's two ("When Amy and Lisa went to
+  the store, Tom gave a drink to"), so nothing in the prompt points to either answer.
+- ``capitals``: the same template with another country: the country whose capital is the
+  example's ``wrong`` answer, so patching moves the answer from ``correct`` toward ``wrong``.
+
+The corrupted prompts come from their own seed stream: building them leaves the evaluation
+examples unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from headlab.batch import Batch
 from headlab.data.blocks import bos_prefix
 from headlab.errors import ConfigError
 
-__all__ = ["TASKS", "Task", "load_task", "ordinary_token_ids"]
+__all__ = ["PAIRED_TASKS", "TASKS", "Task", "load_task", "ordinary_token_ids"]
 
 MIN_WORDS = 8  # fewest usable names / countries for a task to be meaningful
 # induction draws from the lowest-numbered ordinary tokens (BPE ids roughly follow frequency):
@@ -39,13 +52,22 @@ INDUCTION_VOCAB = 10_000
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """A named behaviour: an evaluation batch, a disjoint statistics batch, and its metric."""
+    """A named behaviour: an evaluation batch, a disjoint statistics batch, and its metric.
+
+    ``counterfactual``: the minimal pair of every evaluation example, position-aligned with
+    ``eval`` (``names`` and ``capitals``; ``None`` for ``induction``), see the module docstring.
+    """
 
     name: str
     description: str
     eval: Batch
     stats: Batch
     metric: str
+    counterfactual: Batch | None = None
+
+
+#: what a task builder returns: the batch, and its minimal pairs (``None``: the task has none)
+Built = tuple[Batch, Batch | None]
 
 
 def load_task(
@@ -68,12 +90,15 @@ def load_task(
         raise ConfigError(f"task {name!r} has fixed prompts; seq_len applies only to induction")
     build, description, metric = _BUILDERS[name]
     prefix = bos_prefix(tokenizer, prepend_bos)
+    evaluation, counterfactual = build(tokenizer, prefix, n, _rng_seed(name, seed, "eval"), seq_len)
+    stats, _ = build(tokenizer, prefix, n, _rng_seed(name, seed, "stats"), seq_len)
     return Task(
         name=name,
         description=description,
-        eval=build(tokenizer, prefix, n, _rng_seed(name, seed, "eval"), seq_len),
-        stats=build(tokenizer, prefix, n, _rng_seed(name, seed, "stats"), seq_len),
+        eval=evaluation,
+        stats=stats,
         metric=metric,
+        counterfactual=counterfactual,
     )
 
 
@@ -120,7 +145,7 @@ def ordinary_token_ids(tokenizer: Any, limit: int | None = None) -> torch.Tensor
     return torch.tensor(keep, dtype=torch.long)
 
 
-def _induction(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: int | None) -> Batch:
+def _induction(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: int | None) -> Built:
     if seq_len is None:
         seq_len = len(prefix) + 2 * 32
     half, extra = divmod(seq_len - len(prefix), 2)  # an odd leftover becomes one filler token
@@ -143,7 +168,7 @@ def _induction(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: in
     ids = torch.stack(rows)  # [batch, pos]
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, len(prefix) + extra + half + 1 :] = True  # second copy, from its 2nd token on
-    return Batch(input_ids=ids, target_mask=mask)
+    return Batch(input_ids=ids, target_mask=mask), None
 
 
 # --- names (indirect object identification) ------------------------------------------------------
@@ -174,7 +199,7 @@ _NAME_TEMPLATES = (
 )
 
 
-def _names(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: int | None) -> Batch:
+def _names(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: int | None) -> Built:
     names = _single_tokens(tokenizer, _NAMES)
     if len(names) < MIN_WORDS:
         raise ConfigError(
@@ -190,18 +215,19 @@ def _names(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: int | 
         lambda t: t.format(A=first, B=second, S=second, place=places[0], object=objects[0]),
     )
     rng = random.Random(seed)
-    prompts, correct, wrong = [], [], []
+    abc = random.Random(f"{seed}/abc")  # the counterfactuals' own stream: eval stays unchanged
+    prompts, corrupted, correct, wrong = [], [], [], []
     for i in range(n):
         io, subject = rng.sample(list(names), 2)
         a, b = (io, subject) if i % 2 == 0 else (subject, io)  # ABBA and BABA alternate
         template = rng.choice(templates)
-        prompt = template.format(
-            A=a, B=b, S=subject, place=rng.choice(places), object=rng.choice(objects)
-        )
-        prompts.append(prompt)
+        fill = {"place": rng.choice(places), "object": rng.choice(objects)}
+        prompts.append(template.format(A=a, B=b, S=subject, **fill))
+        others = abc.sample([x for x in names if x not in (io, subject)], 3)
+        corrupted.append(template.format(A=others[0], B=others[1], S=others[2], **fill))
         correct.append(names[io])
         wrong.append(names[subject])
-    return _answer_batch(tokenizer, prefix, prompts, correct, wrong)
+    return _answer_batch(tokenizer, prefix, prompts, correct, wrong, corrupted)
 
 
 # --- capitals (factual recall) -------------------------------------------------------------------
@@ -226,7 +252,7 @@ _CAPITAL_TEMPLATES = (
 )
 
 
-def _capitals(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: int | None) -> Batch:
+def _capitals(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: int | None) -> Built:
     pairs = [pair.replace("_", " ").split(":") for pair in _CAPITALS.split()]
     first_token = {country: _encode(tokenizer, " " + city)[0] for country, city in pairs}
     shared = {t for t, count in Counter(first_token.values()).items() if count > 1}
@@ -246,14 +272,15 @@ def _capitals(tokenizer: Any, prefix: list[int], n: int, seed: int, seq_len: int
     rng = random.Random(seed)
     combos = [(c, t) for c in countries for t in templates]
     rng.shuffle(combos)  # eval and stats shuffle independently; n <= len(combos) never repeats
-    prompts, correct, wrong = [], [], []
+    prompts, corrupted, correct, wrong = [], [], [], []
     for i in range(n):
         country, template = combos[i % len(combos)]
         other = rng.choice([c for c in countries if c != country])
         prompts.append(template.format(country=country))
+        corrupted.append(template.format(country=other))  # countries share one token length
         correct.append(first_token[country])
         wrong.append(first_token[other])
-    return _answer_batch(tokenizer, prefix, prompts, correct, wrong)
+    return _answer_batch(tokenizer, prefix, prompts, correct, wrong, corrupted)
 
 
 # --- shared --------------------------------------------------------------------------------------
@@ -267,27 +294,36 @@ def _same_length(tokenizer: Any, templates: Sequence[str], fill: Callable[[str],
 
 
 def _answer_batch(
-    tokenizer: Any, prefix: list[int], prompts: list[str], correct: list[int], wrong: list[int]
-) -> Batch:
+    tokenizer: Any,
+    prefix: list[int],
+    prompts: list[str],
+    correct: list[int],
+    wrong: list[int],
+    corrupted: list[str],
+) -> Built:
+    """The examples with their answers, and their corrupted prompts (the same answers: the
+    minimal pair is scored as the example it replaces), all of one token length."""
     rows = [prefix + _encode(tokenizer, p) for p in prompts]
+    cf_rows = [prefix + _encode(tokenizer, p) for p in corrupted]
     length = len(rows[0])
-    for prompt, row in zip(prompts, rows, strict=True):
+    for prompt, row in zip([*prompts, *corrupted], [*rows, *cf_rows], strict=True):
         if len(row) != length:
             raise ConfigError(
                 f"prompt {prompt!r} is {len(row)} tokens, not {length} like the others: this "
                 "tokenizer merges a name with its neighbours; the task cannot be built for it"
             )
     ids = torch.tensor(rows, dtype=torch.long)  # [batch, pos]
-    return Batch(
-        input_ids=ids,
-        target_mask=torch.zeros_like(ids, dtype=torch.bool),
-        answer_pos=torch.full((len(rows),), length - 1, dtype=torch.long),
-        correct=torch.tensor(correct, dtype=torch.long),
-        wrong=torch.tensor(wrong, dtype=torch.long),
-    )
+    answers = {
+        "target_mask": torch.zeros_like(ids, dtype=torch.bool),
+        "answer_pos": torch.full((len(rows),), length - 1, dtype=torch.long),
+        "correct": torch.tensor(correct, dtype=torch.long),
+        "wrong": torch.tensor(wrong, dtype=torch.long),
+    }
+    counterfactual = Batch(input_ids=torch.tensor(cf_rows, dtype=torch.long), **answers)
+    return Batch(input_ids=ids, **answers), counterfactual
 
 
-_Builder = Callable[[Any, list[int], int, int, int | None], Batch]
+_Builder = Callable[[Any, list[int], int, int, int | None], Built]
 _BUILDERS: dict[str, tuple[_Builder, str, str]] = {
     "induction": (_induction, "repeat a random token sequence: [BOS] r r", "ce"),
     "names": (_names, "indirect object: '... John gave a drink to' -> ' Mary'", "logit_diff"),
@@ -298,3 +334,5 @@ _BUILDERS: dict[str, tuple[_Builder, str, str]] = {
     ),
 }
 TASKS: tuple[str, ...] = tuple(_BUILDERS)
+#: the tasks that build minimal pairs (:attr:`Task.counterfactual`)
+PAIRED_TASKS: tuple[str, ...] = ("names", "capitals")

@@ -17,6 +17,7 @@ from headlab.errors import ConfigError
 from headlab.hooks import BlockOutput
 from headlab.metrics import CrossEntropy, KLFromClean, Metric, Scores, TopK
 from headlab.metrics.tokens import _target_mask
+from headlab.models.kinds import is_bare
 from headlab.models.layout import call_model, input_device
 
 #: metrics scored position by position from next-token logits (safe to window)
@@ -26,13 +27,36 @@ _POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def _logits_of(out: object, model: nn.Module) -> torch.Tensor:
+    """The model's logits, or for a bare model (no head, :func:`is_bare`) its final hidden state
+    ``[batch, pos, d_model]``, which only embedding metrics read (:func:`check_reads`)."""
     logits = getattr(out, "logits", None)
+    if logits is None and is_bare(model):
+        logits = getattr(out, "last_hidden_state", None)
     if logits is None:
         raise TypeError(
             f"{type(model).__name__} returns no logits; load the model with a head (causal LM, "
             "masked LM or classifier) to score it"
         )
     return logits
+
+
+def check_reads(model: nn.Module, ms: Sequence[Metric]) -> None:
+    """Refuse metrics that read what ``model`` does not return: logit metrics on a bare model
+    (it returns its final hidden state) and embedding metrics on a model with a head."""
+    bare = is_bare(model)
+    for m in ms:
+        if bare and m.reads != "embedding":
+            raise ConfigError(
+                f"metric {m.name!r} reads logits, but {type(model).__name__} is a bare model "
+                "without an LM or classification head; score it with embed_cos (cosine distance "
+                "of the mean-pooled sentence embedding to the clean one)"
+            )
+        if not bare and m.reads == "embedding":
+            raise ConfigError(
+                f"metric {m.name!r} scores the sentence embedding of a bare model (an encoder "
+                f"without a head, e.g. --model minilm), but {type(model).__name__} has a head; "
+                "use its own metrics (ce, kl, top1; cls_ce, cls_acc for a classifier)"
+            )
 
 
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -149,6 +173,7 @@ def _score(
     windows of it, answer metrics project the answer positions, always with the same shapes.
     """
     chunk = clean.chunk
+    check_reads(model, ms)
     if logits is not None:
         cl = clean.logits if clean.logits is not None else logits
         return {m.name: m(logits, chunk, cl if m.needs_clean else None) for m in ms}

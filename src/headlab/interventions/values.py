@@ -3,8 +3,8 @@
 :class:`Zero`, :class:`Scale` and :class:`Gate` read only their input; :class:`Mean`,
 :class:`Median`, :class:`Peak` and :class:`Resample` read activation statistics; :class:`Patch`
 reads :class:`Activations` recorded on a counterfactual input. :func:`intervention_from_name`
-parses the method names the command line and the tables use (``zero``, ``peak:kde``,
-``scale:-1`` ...).
+parses the method names the command line and the tables use (``zero``, ``peak:hist``,
+``peak:kde``, ``scale:-1`` ...).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from headlab.defaults import DEFAULT_KDE_BANDWIDTH
 from headlab.errors import ConfigError
 from headlab.interventions.base import Intervention, Selection, StatsSource, current_offset
 
@@ -80,31 +81,39 @@ class Peak(Intervention):
     """Replace each neuron with the mode of its activation distribution.
 
     Attributes:
-        estimator: ``"hist"`` (centre of the fullest histogram bin; bins and range are set when
-            the statistics are collected) or ``"kde"`` (Gaussian kernel density on the histogram).
+        estimator: ``None``, the statistics' own (:attr:`headlab.StatsConfig.peak_estimator`:
+            ``"kde"`` for statistics collected now, ``"hist"`` for files written before the
+            peak convergence study, so old runs resume unchanged); ``"hist"`` (centre of the
+            fullest histogram bin; bins and range are set when the statistics are collected); or
+            ``"kde"`` (Gaussian kernel density on the histogram). A bandwidth other than the
+            default implies ``"kde"``.
         bandwidth: KDE kernel width as a fraction of each neuron's standard deviation
             (``scipy.stats.gaussian_kde``'s ``bw_method`` convention).
     """
 
-    estimator: str = "hist"
-    bandwidth: float = 0.1
+    estimator: str | None = None
+    bandwidth: float = DEFAULT_KDE_BANDWIDTH
     needs = "peak"
 
     def __post_init__(self) -> None:
-        if self.estimator not in ("hist", "kde"):
+        if self.estimator not in (None, "hist", "kde"):
             raise ConfigError(f"Peak estimator must be 'hist' or 'kde', got {self.estimator!r}")
         if not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
             raise ConfigError(f"Peak bandwidth must be a positive number, got {self.bandwidth}")
+        if self.estimator is None and self.bandwidth != DEFAULT_KDE_BANDWIDTH:
+            object.__setattr__(self, "estimator", "kde")  # only a KDE has a bandwidth
 
     @property
     def label(self) -> str:
-        return "peak" if self.estimator == "hist" else f"peak:kde:{self.bandwidth:g}"
+        if self.estimator is None:
+            return "peak"
+        return "peak:hist" if self.estimator == "hist" else f"peak:kde:{self.bandwidth:g}"
 
     def apply(self, x: torch.Tensor, sel: Selection, stats: StatsSource | None) -> torch.Tensor:
-        value = _need(stats, self).constant(
-            "peak", sel.layer, estimator=self.estimator, bandwidth=self.bandwidth
-        )
-        return _const(x, sel, value)
+        options: dict[str, float | str] = {"bandwidth": self.bandwidth}
+        if self.estimator is not None:
+            options["estimator"] = self.estimator
+        return _const(x, sel, _need(stats, self).constant("peak", sel.layer, **options))
 
 
 @dataclass(frozen=True)
@@ -238,7 +247,8 @@ _NAMED = {"zero": Zero, "mean": Mean, "median": Median, "peak": Peak, "resample"
 
 
 def intervention_from_name(name: str) -> Intervention:
-    """Parse a method name: ``zero``, ``mean``, ``median``, ``peak``, ``peak:kde``,
+    """Parse a method name: ``zero``, ``mean``, ``median``, ``peak`` (the statistics' own
+    estimator: a KDE for statistics collected now), ``peak:hist``, ``peak:kde``,
     ``peak:kde:0.2``, ``resample``, ``resample:SEED``, ``scale:ALPHA``."""
     text = name.strip()
     head, _, rest = text.partition(":")
@@ -249,7 +259,7 @@ def intervention_from_name(name: str) -> Intervention:
             return Scale(float(rest))
         if head == "peak" and rest:
             est, _, bw = rest.partition(":")
-            return Peak(estimator=est, bandwidth=float(bw) if bw else 0.1)
+            return Peak(estimator=est, bandwidth=float(bw) if bw else DEFAULT_KDE_BANDWIDTH)
         if head == "resample" and rest:
             return Resample(seed=int(rest))
         if head in _NAMED and not rest:
@@ -257,6 +267,6 @@ def intervention_from_name(name: str) -> Intervention:
     except ValueError:
         pass
     raise ConfigError(
-        f"unknown method {name!r}; use zero, mean, median, peak, peak:kde[:BW], resample[:SEED] "
-        "or scale:ALPHA (e.g. scale:-1, scale:0.5, scale:5)"
+        f"unknown method {name!r}; use zero, mean, median, peak, peak:hist, peak:kde[:BW], "
+        "resample[:SEED] or scale:ALPHA (e.g. scale:-1, scale:0.5, scale:5)"
     )

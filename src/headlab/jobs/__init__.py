@@ -43,6 +43,8 @@ _EXPORTS = {
     "SteerRun": "steer",
     "run_attention": "attention",
     "AttentionResult": "attention",
+    "run_report": "report",
+    "ReportResult": "report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,8 @@
 """The ``headlab attention`` job: a prompt's attention patterns and rollout (``patterns.parquet``,
 ``rollout.parquet``, their figures), and plausibility vs faithfulness on a task or corpus (part
 ``mass``, one part ``effect-L###`` per layer, ``results.parquet``, ``summary.csv``,
-``faithfulness.png``), in one resumable run directory."""
+``faithfulness.png``), in one resumable run directory. With ``--method patch`` the causal effect
+is exact patching from ``--counterfactual`` pairs (``counterfactual.safetensors``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from headlab.batch import Batch
+from headlab.defaults import DEFAULT_BINS, DEFAULT_N_STATS_BLOCKS
 from headlab.errors import ConfigError
 from headlab.heads import Head, check_heads
 from headlab.jobs.base import (
@@ -27,7 +29,16 @@ from headlab.jobs.base import (
     stats_config,
 )
 from headlab.jobs.executors import Executor, make_executor
-from headlab.jobs.inputs import Inputs, Prepared, placement, prepare
+from headlab.jobs.inputs import (
+    Inputs,
+    Prepared,
+    counterfactual_source,
+    placement,
+    prepare,
+    require_one_length,
+    save_counterfactual,
+    statistics_counterfactual,
+)
 from headlab.models.load import DEFAULT_MODEL
 from headlab.runs import RunDir
 
@@ -78,11 +89,11 @@ def run_attention(
     n_boot: int = 1000,
     ci: float = 0.95,
     top: int = 5,
-    bins: int = 1000,
+    bins: int = DEFAULT_BINS,
     reservoir: int = 16,
     seq_len: int | None = None,
     n_blocks: int = 8,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,
@@ -103,6 +114,7 @@ def run_attention(
     on_status: Callable[[str], None] | None = None,
     command: list[str] | None = None,
     prepared: Prepared | None = None,
+    counterfactual: str | os.PathLike[str] | None = None,
 ) -> AttentionResult:
     """Draw a prompt's patterns and/or compare plausibility with faithfulness, into a resumable
     run directory.
@@ -111,8 +123,16 @@ def run_attention(
     option. ``prompt`` asks for the patterns, ``data``/``task`` (or ``prepared``) for the
     comparison; ``prepend_bos`` is ``"auto"``/``None``, ``"yes"``/``True`` or ``"no"``/``False``;
     ``top`` heads of either ranking are labelled in the scatter. Prints nothing.
+
+    ``counterfactual`` (``--counterfactual``): a JSONL file of clean/corrupted pairs, whose clean
+    sides are then the examples (and, with ``method="patch"``, whose corrupted sides are patched
+    in: faithfulness is each head's exact patching effect), or ``"builtin"`` (the default for
+    ``--task names``/``capitals`` with ``patch``). ``patch`` on a corpus without pairs patches in
+    the statistics split, as before.
     """
-    has_data = bool(task or data) or prepared is not None
+    source = counterfactual_source(counterfactual, task, [method])
+    pairs_file = source not in (None, "builtin")
+    has_data = bool(task or data or pairs_file) or prepared is not None
     if prompt is None and not has_data:
         raise ConfigError(
             "give --prompt TEXT (patterns and rollout) and/or --task NAME or --data PATH "
@@ -123,10 +143,10 @@ def run_attention(
     heads = check_heads(heads) if heads else []
     words = list(tokens) if tokens else None
     bos = _prepend_bos(prepend_bos)
-    if has_data and method != "patch":
-        from headlab.interventions import intervention_from_name
+    if has_data:
+        from headlab.analyses.sweep import check_method
 
-        intervention_from_name(method)  # fail early on a bad name
+        check_method(method)  # fail early on a bad name
     if not 0 < ci < 1 or n_boot < 0 or top_k < 1:
         raise ConfigError("need 0 < --ci < 1, --n-boot >= 0 and --top-k >= 1")
     check_count("--top", top)
@@ -142,10 +162,12 @@ def run_attention(
                 n_stats_blocks=n_stats_blocks, stats_data=stats_data, seed=seed,
                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                 device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                counterfactual=source,
             ),
             on_status=on_status,
         )  # fmt: skip
     if prepared is not None:
+        require_one_length(prepared, "plausibility (attention mass)")
         net, tok, layout = prepared.model, prepared.tokenizer, prepared.layout
         identity = identity_of(prepared, prompt=prompt, prepend_bos=bos)
     else:
@@ -266,8 +288,10 @@ def _faithfulness(
     ctx = prepared.context(None, batch_size, tokenizer=True)
     execute(run, [mass], ctx, progress=progress, desc="attention mass", executor=executor)
     stats, batches = None, {}
-    if method == "patch":
-        batches[COUNTERFACTUAL] = prepared.stats_batch
+    save_counterfactual(run, prepared.counterfactual)
+    if method == "patch" and prepared.counterfactual is None:  # a corpus: the statistics split
+        batches[COUNTERFACTUAL] = statistics_counterfactual(prepared)
+        save_counterfactual(run, batches[COUNTERFACTUAL])
     elif needs_stats([method]):
         config = stats_config(bins, reservoir, seed, prepared.stats_batch)
         stats = job_stats(

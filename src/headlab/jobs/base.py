@@ -86,8 +86,8 @@ def open_run(
 
 
 def needs_stats(methods: Iterable[Any]) -> bool:
-    """Whether any of ``methods`` (names such as ``mean``, ``atp:peak``, ``exact:zero``,
-    ``ablation:mean``, or Intervention values) reads activation statistics."""
+    """Whether any of ``methods`` (names such as ``mean``, ``atp:peak``, ``ig:mean:2``,
+    ``exact:zero``, ``ablation:mean``, or Intervention values) reads activation statistics."""
     from headlab.interventions import Intervention, intervention_from_name
 
     for m in methods:
@@ -96,6 +96,10 @@ def needs_stats(methods: Iterable[Any]) -> bool:
                 return True
             continue
         name = str(m)
+        if name.startswith("ig:"):  # ig:METHOD[:STEPS]
+            from headlab.analyses.estimate.ig import parse_ig
+
+            name = parse_ig(name)[0]
         while ":" in name and name.split(":", 1)[0] in ("atp", "exact", "ablation"):
             name = name.split(":", 1)[1]
         if name in ("patch", "gradient", "rollout", "attention"):
@@ -122,10 +126,13 @@ def job_stats(
     on_status: Say = None,
 ) -> Stats:
     """The run's activation statistics: read from ``stats.safetensors`` when it is intact, else
-    collected on the statistics batch and saved."""
+    collected on the statistics batch and saved. A peak or median later read from them while too
+    thin is reported once to ``on_status`` (see :mod:`headlab.stats.thin`)."""
     path = run.verified("stats.safetensors")
     if path is not None:
-        return Stats.load(path, model=prepared.model)
+        stats = Stats.load(path, model=prepared.model)
+        stats.say = on_status
+        return stats
     if on_status:
         on_status(f"collecting statistics on {len(prepared.stats_batch)} inputs")
     stats = collect_stats(
@@ -134,6 +141,7 @@ def job_stats(
     )  # fmt: skip
     with run.atomic("stats.safetensors") as tmp:
         stats.save(tmp)
+    stats.say = on_status
     return stats
 
 
@@ -200,4 +208,20 @@ def identity_of(prepared: Any, **options: Any) -> dict[str, Any]:
     """A run's identity: what it ran on (``prepared.identity()``) plus the job's options
     (dataclass values become dicts)."""
     extra = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in options.items()}
+    config = extra.get("stats_config")
+    if isinstance(config, dict) and "methods" in options and not _reads_peak(options["methods"]):
+        # what `peak` reads matters only to a job that ablates with it; left out otherwise, so
+        # run directories from before the setting existed still resume
+        config.pop("peak_estimator", None)
     return {**prepared.identity(), **extra}
+
+
+def _reads_peak(methods: Iterable[Any]) -> bool:
+    """Whether any of ``methods`` (names or Intervention values) is a peak ablation."""
+    for m in methods:
+        name = str(getattr(m, "label", m))
+        while ":" in name and name.split(":", 1)[0] in ("atp", "exact", "ablation", "ig"):
+            name = name.split(":", 1)[1]
+        if name.startswith("peak"):
+            return True
+    return False

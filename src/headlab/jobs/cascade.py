@@ -20,6 +20,7 @@ from headlab.analyses.cascade import (
     removed_heads,
 )
 from headlab.analyses.cascade import off_target as off_target_cost
+from headlab.defaults import DEFAULT_BINS, DEFAULT_N_STATS_BLOCKS
 from headlab.errors import ConfigError
 from headlab.heads import Head, check_heads, random_heads
 from headlab.interventions import intervention_from_name
@@ -71,7 +72,7 @@ def run_cascade(
     off_target: str = "auto",
     seq_len: int | None = None,
     n_blocks: int = 4,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,
@@ -83,7 +84,7 @@ def run_cascade(
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | None = None,
     batch_size: int = 8,
-    bins: int = 1000,
+    bins: int = DEFAULT_BINS,
     reservoir: int = 16,
     executor: str | Executor = "serial",
     ray_address: str | None = None,

@@ -1,7 +1,7 @@
 """The ``headlab compare`` job: measure every head's importance per example with each measure
 (parts ``atp_METHOD``, ``gradient``, ``rollout``, ``attention``, ``ablation_METHOD-L###``), then
-``per_example.parquet``, ``scores.parquet``, ``agreement.csv``, ``pairs.csv``, ``compare.png`` and,
-with ``off_target``, ``off_target.csv``."""
+``per_example.parquet``, ``scores.parquet``, ``agreement.csv``, ``pairs.csv``, ``compare.png``,
+``recall_cost.png`` and, with ``off_target``, ``off_target.csv``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from headlab.analyses.compare import PER_EXAMPLE_COLUMNS, compare_plan, part_key, summarise
 from headlab.analyses.compare import measures as measure_names
 from headlab.batch import Batch
+from headlab.defaults import DEFAULT_BINS, DEFAULT_N_STATS_BLOCKS
 from headlab.errors import ConfigError
 from headlab.heads import random_heads, top_heads
 from headlab.jobs.base import (
@@ -30,12 +31,21 @@ from headlab.jobs.base import (
     stats_config,
 )
 from headlab.jobs.executors import Executor, make_executor
-from headlab.jobs.inputs import Inputs, Prepared, off_target_batches, prepare
+from headlab.jobs.inputs import (
+    Inputs,
+    Prepared,
+    counterfactual_source,
+    off_target_batches,
+    prepare,
+    require_counterfactual,
+    require_one_length,
+    save_counterfactual,
+)
 from headlab.jobs.sweep import load_sweep
 from headlab.models.load import DEFAULT_MODEL
 from headlab.parts import Part
-from headlab.plots.compare import compare_figure
-from headlab.runs import RunDir
+from headlab.plots.compare import compare_figure, recall_cost_figure
+from headlab.runs import RunDir, read_manifest
 from headlab.stats import Stats
 
 __all__ = ["CompareResult", "run_compare"]
@@ -84,7 +94,7 @@ def run_compare(
     off_target: str = "none",
     seq_len: int | None = None,
     n_blocks: int = 4,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,
@@ -96,7 +106,7 @@ def run_compare(
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | None = None,
     batch_size: int = 8,
-    bins: int = 1000,
+    bins: int = DEFAULT_BINS,
     reservoir: int = 16,
     executor: str | Executor = "serial",
     ray_address: str | None = None,
@@ -107,11 +117,15 @@ def run_compare(
     on_status: Callable[[str], None] | None = None,
     command: list[str] | None = None,
     prepared: Prepared | None = None,
+    counterfactual: str | os.PathLike[str] | None = None,
 ) -> CompareResult:
     """Measure every head with exact ablation (each of ``methods``) and the cheap ``measures``
     on the same examples, compare the rankings, and write a resumable run directory.
 
     Mirrors ``headlab compare``; see ``headlab compare --help`` for the meaning of every option.
+    ``counterfactual`` (``--counterfactual``: a JSONL file of clean/corrupted pairs, or
+    ``"builtin"``, the default for ``--task names``/``capitals``) is what method ``patch``
+    (measure ``ablation:patch``) and ``atp:patch`` patch in, on the same examples.
     Returns the comparison tables and the figure; prints nothing unless ``progress``.
     """
     methods = list(methods)
@@ -120,6 +134,12 @@ def run_compare(
     if reference not in names:
         raise ConfigError(
             f"--reference {reference} is not one of the measures compared ({', '.join(names)})"
+        )
+    if off_target.strip() != "none" and _off_target_method(reference, methods) == "patch":
+        raise ConfigError(
+            "--off-target ablates each measure's top-k heads on other targets with the "
+            "reference's method, and patch has no counterfactual there; put another method "
+            "first in --methods (e.g. zero,patch) or give --reference ablation:zero"
         )
     check_count("--bootstrap", bootstrap, low=0)
     if not 0 < ci < 1:
@@ -135,9 +155,14 @@ def run_compare(
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
         offload_folder=offload_folder,
+        counterfactual=counterfactual_source(counterfactual, task, names),
     )  # fmt: skip
     if prepared is None:
+        require_counterfactual(inputs.counterfactual, names)
         prepared = prepare(inputs, on_status=on_status)
+    require_counterfactual(prepared.counterfactual, names)
+    if "attention" in names:
+        require_one_length(prepared, "the attention measure")
     n_heads = prepared.layout.n_layers * prepared.layout.n_heads
     k = min(top_k, n_heads)
     if k < top_k and on_status:
@@ -157,6 +182,7 @@ def run_compare(
         out, "compare", identity, tokens=prepared.eval, command=command, force=force,
         on_status=on_status,
     ) as run, ex:  # fmt: skip
+        save_counterfactual(run, prepared.counterfactual)
         stats = None
         if needs_stats(names):
             stats = job_stats(
@@ -186,12 +212,15 @@ def run_compare(
         run.save_table("scores.parquet", result.scores)
         run.save_table("agreement.csv", result.agreement)
         run.save_table("pairs.csv", result.pairs)
-        figures = {"compare.png": compare_figure(result.scores, result.agreement)}
+        figures = {
+            "compare.png": compare_figure(result.scores, result.agreement),
+            "recall_cost.png": recall_cost_figure(result.agreement),
+        }
         for name, fig in figures.items():
             run.save_figure(name, fig)
         cost = None
         if targets:
-            ref = reference.partition(":")[2] if reference.startswith("ablation:") else methods[0]
+            ref = _off_target_method(reference, methods)
             own = task or data
             cost = _off_target(
                 prepared, result.scores, k, ref, metric, stats, targets, own=own, seed=seed,
@@ -200,7 +229,7 @@ def run_compare(
             run.save_table("off_target.csv", cost)
         summary = {
             r.measure: [round(r.spearman, 4), round(r.ci_low, 4), round(r.ci_high, 4),
-                        round(r.topk_overlap, 4)]
+                        round(r.topk_overlap, 4), round(r.cost_fraction, 4)]
             for r in result.agreement.itertuples()
         }  # fmt: skip
         run.set_status("complete", reference=reference, agreement=summary)
@@ -208,6 +237,11 @@ def run_compare(
             result.per_example, result.scores, result.agreement, result.pairs, cost, reference,
             run, figures,
         )  # fmt: skip
+
+
+def _off_target_method(reference: str, methods: Sequence[str]) -> str:
+    """The method ``--off-target`` ablates with: the reference's, else the first."""
+    return reference.partition(":")[2] if reference.startswith("ablation:") else methods[0]
 
 
 def _save_tables(run: RunDir, part: Part, tables: Any) -> None:
@@ -241,7 +275,12 @@ def _reuse_sweep(
     if not set(PER_EXAMPLE_COLUMNS) <= set(table.columns):
         raise ConfigError(f"{path} lacks the per-example columns {PER_EXAMPLE_COLUMNS}")
     done = run.done_parts()
+    # exact patching is only the same measure when the sweep patched in the same inputs
+    theirs = read_manifest(Path(sweep)).get("identity", {}).get("counterfactual_fingerprint")
+    mine = prepared.identity().get("counterfactual_fingerprint")
     for n in (n for n in names if n.startswith("ablation:")):
+        if n == "ablation:patch" and (mine is None or theirs != mine):
+            continue
         rows = table[(table["measure"] == n) & (table["metric"] == metric)]
         for ly, part in rows.groupby("layer", sort=True):
             if part_key(n, int(ly)) not in done:

@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from headlab.analyses.detect import DETECTORS, DetectPart, top_heads
+from headlab.defaults import DEFAULT_N_STATS_BLOCKS
 from headlab.errors import ConfigError
 from headlab.jobs.base import check_count, execute, identity_of, load_parts, open_run
 from headlab.jobs.executors import Executor, make_executor
@@ -57,7 +58,7 @@ def run_detect(
     top: int = 5,
     seq_len: int | None = None,
     n_blocks: int = 8,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,

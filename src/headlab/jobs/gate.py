@@ -38,7 +38,12 @@ from headlab.analyses.gates import (
 from headlab.batch import Batch
 from headlab.data.targets import target_batch
 from headlab.data.tasks import TASKS
-from headlab.defaults import DEFAULT_GATE_MASKS, DEFAULT_GATE_STEPS, DEFAULT_MODEL
+from headlab.defaults import (
+    DEFAULT_GATE_MASKS,
+    DEFAULT_GATE_STEPS,
+    DEFAULT_MODEL,
+    DEFAULT_N_STATS_BLOCKS,
+)
 from headlab.errors import ConfigError
 from headlab.jobs.base import Say, check_count, execute, identity_of, load_parts, open_run
 from headlab.jobs.executors import Executor, make_executor
@@ -95,7 +100,7 @@ def run_gate(
     metric: str | None = None,
     seq_len: int | None = None,
     n_blocks: int = 8,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,

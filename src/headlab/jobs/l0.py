@@ -17,7 +17,12 @@ import torch
 from matplotlib.figure import Figure
 
 from headlab.analyses.gates import L0Config, L0FitPart, check_l0_lambdas, l0_evaluate
-from headlab.defaults import DEFAULT_L0_LAMBDAS, DEFAULT_L0_STEPS, DEFAULT_MODEL
+from headlab.defaults import (
+    DEFAULT_L0_LAMBDAS,
+    DEFAULT_L0_STEPS,
+    DEFAULT_MODEL,
+    DEFAULT_N_STATS_BLOCKS,
+)
 from headlab.errors import ConfigError
 from headlab.jobs.base import check_count, execute, identity_of, load_parts, open_run
 from headlab.jobs.executors import Executor, make_executor
@@ -54,7 +59,7 @@ def run_l0(
     metric: str | None = None,
     seq_len: int | None = None,
     n_blocks: int = 8,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,

@@ -21,6 +21,7 @@ from headlab.analyses.prune import (
     removable_fraction,
     summarize,
 )
+from headlab.defaults import DEFAULT_BINS, DEFAULT_N_STATS_BLOCKS
 from headlab.errors import ConfigError
 from headlab.interventions import intervention_from_name
 from headlab.jobs.base import (
@@ -83,7 +84,7 @@ def run_prune(
     sweep: str | os.PathLike[str] | None = None,
     seq_len: int | None = None,
     n_blocks: int = 4,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,
@@ -95,7 +96,7 @@ def run_prune(
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | None = None,
     batch_size: int = 8,
-    bins: int = 1000,
+    bins: int = DEFAULT_BINS,
     reservoir: int = 16,
     executor: str | Executor = "serial",
     ray_address: str | None = None,
@@ -111,7 +112,8 @@ def run_prune(
     random, sweep or re-ranked order, into a resumable run directory.
 
     Mirrors ``headlab prune``; see ``headlab prune --help`` for the meaning of every option.
-    ``metrics`` defaults to ``ce, top1`` on a corpus and to the task's own metric on a task;
+    ``metrics`` defaults to ``ce, top1`` on a text corpus and to the data's own metrics otherwise
+    (a task's metric; ``embed_cos`` on a bare encoder; ``cls_ce, cls_acc`` on images);
     without ``sweep``, the sweep order ranks every method by a sweep of the first method computed
     in the run. Returns the tables and the figure; prints nothing unless ``progress``.
     """
@@ -139,7 +141,9 @@ def run_prune(
     )  # fmt: skip
     if prepared is None:
         prepared = prepare(inputs, on_status=on_status)
-    default_metrics = ["ce", "top1"] if task is None else prepared.metrics
+    # a text corpus: ce and top1; else the data's own (a task's, embed_cos, cls_ce and cls_acc)
+    corpus = task is None and prepared.metrics == ["ce"]
+    default_metrics = ["ce", "top1"] if corpus else prepared.metrics
     metrics = list(metrics) if metrics else default_metrics
     for m in [*metrics, *([rank_metric] if rank_metric else [])]:
         get_metric(m)

@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from headlab.analyses.shift import ShiftPart, shift_plan
+from headlab.defaults import DEFAULT_BINS, DEFAULT_N_STATS_BLOCKS
 from headlab.errors import ConfigError
 from headlab.heads import Head, check_heads, top_heads
 from headlab.interventions import intervention_from_name
@@ -61,7 +62,7 @@ def run_shift(
     skip_first: bool = False,
     seq_len: int | None = None,
     n_blocks: int = 8,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,
@@ -73,7 +74,7 @@ def run_shift(
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | None = None,
     batch_size: int = 8,
-    bins: int = 1000,
+    bins: int = DEFAULT_BINS,
     reservoir: int = 16,
     executor: str | Executor = "serial",
     ray_address: str | None = None,

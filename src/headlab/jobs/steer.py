@@ -46,6 +46,7 @@ from headlab.heads import Head, check_heads
 from headlab.jobs.base import Say, check_count, execute, load_parts, open_run
 from headlab.jobs.executors import Executor, make_executor
 from headlab.jobs.inputs import Prepared, placement
+from headlab.models.kinds import is_bare
 from headlab.models.layout import describe, max_positions
 from headlab.models.load import DEFAULT_MODEL, cached_fingerprint, load_model
 from headlab.parts import Context, ModelSpec, Part
@@ -240,6 +241,11 @@ def run_steer(
         trust_remote_code = prepared.inputs.trust_remote_code
     if tok is None or not callable(getattr(tok, "batch_decode", None)):
         raise ConfigError(f"{model} has no text tokenizer; steering generates text")
+    if is_bare(net):
+        raise ConfigError(
+            f"{model} cannot generate text (it has no LM head: a sentence encoder); steering "
+            "generates, so use a causal LM (the default smollm2-135m, or a folder of one)"
+        )
     if heads:
         heads = check_heads(heads, layout)  # beyond the model: before any work
     encode_prompts(net, tok, the_concept.prompts, max_new_tokens)  # refuse before any work

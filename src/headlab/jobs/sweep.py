@@ -1,20 +1,27 @@
 """The ``headlab sweep`` job: ablate every head alone under each method, part by part, into a
-resumable run directory (parts ``METHOD-L###``, ``results.parquet``, ``ranking.csv``, heatmaps)."""
+resumable run directory (parts ``METHOD-L###``, ``results.parquet``, ``ranking.csv``, heatmaps).
+
+With ``top_k`` (``--top-k K``) it runs the top-k search instead (:mod:`headlab.analyses.topk`): a
+``sweep-topk`` run directory in the same format, with parts ``topk-*`` saved round by round, the
+intervals and statuses in ``results.parquet`` and the search's cost in the manifest."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headlab.analyses.sweep import rank_heads, sweep_plan, tidy
+from headlab.analyses.sweep import check_method, rank_heads, sweep_plan, tidy
+from headlab.analyses.topk import RaceRule, search
+from headlab.analyses.topk import ranking as topk_ranking
+from headlab.defaults import DEFAULT_BINS, DEFAULT_N_STATS_BLOCKS
 from headlab.errors import ConfigError
 from headlab.heads import Head, check_heads
-from headlab.interventions import intervention_from_name
 from headlab.jobs.base import (
     check_count,
     execute,
@@ -26,9 +33,17 @@ from headlab.jobs.base import (
     stats_config,
 )
 from headlab.jobs.executors import Executor, make_executor
-from headlab.jobs.inputs import Inputs, Prepared, prepare
+from headlab.jobs.inputs import (
+    Inputs,
+    Prepared,
+    counterfactual_source,
+    prepare,
+    require_counterfactual,
+    save_counterfactual,
+)
 from headlab.metrics import get_metric
 from headlab.models.load import DEFAULT_MODEL
+from headlab.parts import Context
 from headlab.plots.sweep import sweep_figures
 from headlab.runs import RunDir, read_manifest
 from headlab.stats import Stats
@@ -44,6 +59,8 @@ class SweepResult:
     ranking: pd.DataFrame
     run_dir: RunDir
     figures: dict[str, Figure] = field(default_factory=dict, repr=False)
+    #: ``--top-k`` runs: the rule, the per-(method/metric) summary and the cost (else ``None``)
+    search: dict[str, Any] | None = None
 
     def top(self, k: int = 5) -> pd.DataFrame:
         """The ``k`` most important heads per method and metric."""
@@ -61,7 +78,7 @@ def run_sweep(
     heads: Sequence[Head] | None = None,
     seq_len: int | None = None,
     n_blocks: int = 8,
-    n_stats_blocks: int = 16,
+    n_stats_blocks: int = DEFAULT_N_STATS_BLOCKS,
     stats_data: str | None = None,
     text_field: str = "text",
     seed: int = 0,
@@ -73,7 +90,7 @@ def run_sweep(
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | None = None,
     batch_size: int = 8,
-    bins: int = 1000,
+    bins: int = DEFAULT_BINS,
     reservoir: int = 16,
     executor: str | Executor = "serial",
     ray_address: str | None = None,
@@ -84,18 +101,35 @@ def run_sweep(
     on_status: Callable[[str], None] | None = None,
     command: list[str] | None = None,
     prepared: Prepared | None = None,
+    counterfactual: str | os.PathLike[str] | None = None,
+    top_k: int | None = None,
+    confidence: float = 0.95,
+    direction: str = "abs",
+    max_cost: float | None = None,
+    range_factor: float = 1.0,
 ) -> SweepResult:
     """Ablate every head alone under each method and write a resumable run directory.
 
     Mirrors ``headlab sweep``; see ``headlab sweep --help`` for the meaning of every option.
+    ``top_k`` (``--top-k``) searches for the ``top_k`` heads of largest exact effect instead of
+    sweeping all (with ``confidence``, ``direction``, ``max_cost``, ``range_factor``; see
+    :func:`headlab.analyses.topk.top_k`); the result's ``search`` then holds what it decided.
+    ``counterfactual`` is ``--counterfactual``: a JSONL file of clean/corrupted pairs, or
+    ``"builtin"`` (the default for ``--task names``/``capitals`` with method ``patch``).
     Returns the tidy table, the ranking and the figures; prints nothing unless ``progress``.
     """
     methods = list(methods)
     if not methods:
         raise ConfigError("give at least one --method")
     for m in methods:
-        intervention_from_name(m)
+        check_method(m)
     check_count("--batch-size", batch_size)
+    rule = None
+    if top_k is not None:
+        rule = RaceRule(
+            k=top_k, confidence=confidence, direction=direction, max_cost=max_cost,
+            range_factor=range_factor, seed=seed,
+        ).check()  # fmt: skip
     ex = make_executor(
         executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker
     )
@@ -105,11 +139,14 @@ def run_sweep(
         stats_data=stats_data, seed=seed, trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle, device_map=device_map, max_memory=max_memory,
         offload_folder=offload_folder,
+        counterfactual=counterfactual_source(counterfactual, task, methods),
     )  # fmt: skip
     if heads is not None:
         heads = check_heads(heads)  # repeats and non-pairs: refused before loading anything
     if prepared is None:
+        require_counterfactual(inputs.counterfactual, methods)
         prepared = prepare(inputs, on_status=on_status)
+    require_counterfactual(prepared.counterfactual, methods)
     if heads is not None:
         heads = check_heads(heads, prepared.layout)  # beyond the model: before any run directory
     metric_names = list(metrics) if metrics else prepared.metrics
@@ -120,10 +157,18 @@ def run_sweep(
         prepared, methods=methods, metrics=metric_names,
         heads=None if heads is None else [list(h) for h in heads], stats_config=config,
     )  # fmt: skip
+    kind = "sweep"
+    if rule is not None:  # a search is its own kind of run: resuming never mixes it with a sweep
+        lay = prepared.layout
+        n_heads = len(heads) if heads is not None else lay.n_layers * lay.n_heads
+        rule = rule.check(n_heads, len(prepared.eval))
+        identity["top_k"] = asdict(rule)
+        kind = "sweep-topk"
     with open_run(
-        out, "sweep", identity, tokens=prepared.eval, command=command, force=force,
+        out, kind, identity, tokens=prepared.eval, command=command, force=force,
         on_status=on_status,
     ) as run, ex:  # fmt: skip
+        save_counterfactual(run, prepared.counterfactual)
         stats = None
         if needs_stats(methods):
             stats = job_stats(
@@ -131,6 +176,8 @@ def run_sweep(
                 on_status=on_status,
             )  # fmt: skip
         ctx = prepared.context(stats, batch_size)
+        if rule is not None:
+            return _top_k(run, ctx, rule, methods, metric_names, heads, progress, ex)
         parts = sweep_plan(prepared.layout, methods=methods, metrics=metric_names, heads=heads)
         execute(run, parts, ctx, progress=progress, desc="sweep", executor=ex)
         return _finish(
@@ -160,6 +207,47 @@ def _finish(run: RunDir, table: pd.DataFrame, expected: int) -> SweepResult:
         },
     )
     return SweepResult(table, ranking, run, figures)
+
+
+def _top_k(
+    run: RunDir,
+    ctx: Context,
+    rule: RaceRule,
+    methods: Sequence[str],
+    metrics: Sequence[str],
+    heads: Sequence[Head] | None,
+    progress: bool,
+    executor: Executor,
+) -> SweepResult:
+    """The top-k search inside ``run``: each round's parts run (the missing ones) through
+    ``executor`` and are read back from the run directory, so a resumed run replays the same
+    rounds; then the tables, figures and manifest."""
+    rounds = [0]
+
+    def run_parts(parts: list) -> list[pd.DataFrame]:
+        desc = "top-k clean" if rounds[0] == 0 else f"top-k round {rounds[0] - 1}"
+        rounds[0] += 1
+        execute(run, parts, ctx, progress=progress, desc=desc, executor=executor)
+        return [run.read_part(p.key) for p in parts]
+
+    found = search(
+        ctx.layout, len(ctx.batch), max(ctx.batch.seq_len, 1), methods=methods, metrics=metrics,
+        rule=rule, run_parts=run_parts, heads=heads,
+    )  # fmt: skip
+    table, ranking = found.table, topk_ranking(found.table)
+    run.save_table("results.parquet", table)
+    run.save_table("ranking.csv", ranking)
+    figures = sweep_figures(table)
+    for name, fig in figures.items():
+        run.save_figure(name, fig)
+    info = {"rule": asdict(rule), "summary": found.summary, "cost": found.cost}
+    run.set_status(
+        "complete",
+        baseline={m: float(table[table.metric == m]["baseline"].iloc[0]) for m in metrics},
+        top_heads={key: s["top"] for key, s in found.summary.items()},
+        top_k=info,
+    )
+    return SweepResult(table, ranking, run, figures, info)
 
 
 def load_sweep(path: str | Path, prepared: Prepared) -> tuple[pd.DataFrame, bool]:

@@ -4,7 +4,8 @@ Next-token metrics score token ``t`` from the logits at position ``t - 1`` where
 ``batch.target_mask[:, t]`` (and the attention mask) is true; ``per_token[:, t]`` holds that
 score and NaN elsewhere. One-position task metrics read the logits at ``batch.answer_pos``.
 Masked-LM metrics score ``batch.labels != -100`` at their own positions; classification metrics
-compare ``[batch, classes]`` logits with ``batch.labels``.
+compare ``[batch, classes]`` logits with ``batch.labels``. Embedding metrics (``embed_cos``) score
+a bare model's final hidden state ``[batch, pos, d_model]`` against the clean run's.
 
 Every metric returns :class:`Scores`; its ``mean`` is token-weighted for token metrics.
 """
@@ -17,6 +18,8 @@ from headlab.metrics.answer import LogitDiff as LogitDiff
 from headlab.metrics.base import Metric as Metric
 from headlab.metrics.base import Scores as Scores
 from headlab.metrics.base import token_nll as token_nll
+from headlab.metrics.embedding import EmbeddingCosine as EmbeddingCosine
+from headlab.metrics.embedding import sentence_embedding as sentence_embedding
 from headlab.metrics.masked import MaskedLMAccuracy as MaskedLMAccuracy
 from headlab.metrics.masked import MaskedLMCrossEntropy as MaskedLMCrossEntropy
 from headlab.metrics.masked import mlm_batch as mlm_batch
@@ -35,6 +38,7 @@ __all__ = [
     "ClassCrossEntropy",
     "CrossEntropy",
     "Custom",
+    "EmbeddingCosine",
     "KLFromClean",
     "LogitDiff",
     "MaskedLMAccuracy",
@@ -45,5 +49,6 @@ __all__ = [
     "get_metric",
     "metric_names",
     "mlm_batch",
+    "sentence_embedding",
     "token_nll",
 ]

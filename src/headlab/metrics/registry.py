@@ -18,6 +18,7 @@ from headlab.metrics.answer import (
     LogitDiff,
 )
 from headlab.metrics.base import Metric, Scores, _example_scores
+from headlab.metrics.embedding import EmbeddingCosine
 from headlab.metrics.masked import MaskedLMAccuracy, MaskedLMCrossEntropy
 from headlab.metrics.tokens import CrossEntropy, KLFromClean, TopK
 
@@ -64,6 +65,7 @@ _BY_NAME: dict[str, Callable[[], Metric]] = {
     "mlm_acc": MaskedLMAccuracy,
     "cls_ce": ClassCrossEntropy,
     "cls_acc": ClassAccuracy,
+    "embed_cos": EmbeddingCosine,
 }
 
 

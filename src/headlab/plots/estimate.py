@@ -1,5 +1,6 @@
 """Figures of ``headlab estimate``: one layer × head heatmap per (method, metric) — the estimated
-Δ for attribution patching, the importance (``value``) for gradient and rollout."""
+Δ for attribution patching and integrated gradients, the importance (``value``) for gradient and
+rollout."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ __all__ = ["estimate_figures"]
 
 
 def _value(method: str) -> str:
-    return "delta" if method.startswith("atp:") else "value"
+    return "delta" if method.startswith(("atp:", "ig:")) else "value"
 
 
 def _title(method: str, metric: str) -> str:

@@ -32,12 +32,16 @@ def shift_figure(table: pd.DataFrame, *, target: str | None = None) -> Figure:
     clean = sub[(sub["metric"] == "frac_3sigma") & (sub["method"] == methods[0])]
     ax_b.plot(clean["at_layer"], clean["baseline"], "k--", lw=0.8, label="clean")
     ax_n.axhline(1, color="0.6", lw=0.8)
-    kl = sub[sub["metric"] == "kl"].set_index("method").loc[methods, "value"]
+    end = "kl" if (sub["metric"] == "kl").any() else "embed_cos"  # a bare encoder: no logits
+    kl = sub[sub["metric"] == end].set_index("method").loc[methods, "value"]
     ax_k.bar(range(len(methods)), kl.to_numpy(), color=[f"C{i}" for i in range(len(methods))])
     ax_k.set_xticks(range(len(methods)), methods, fontsize=8)
     ax_n.set(xlabel="layer (block output)", ylabel="‖r_abl‖ / ‖r_clean‖", title="norm ratio")
     ax_b.set(xlabel="layer (block output)", ylabel="fraction", title="beyond 3σ of clean")
-    ax_k.set(ylabel="KL(clean ‖ ablated), nats", title="output KL")
+    if end == "kl":
+        ax_k.set(ylabel="KL(clean ‖ ablated), nats", title="output KL")
+    else:
+        ax_k.set(ylabel="1 − cos(clean, ablated)", title="sentence embedding")
     for ax in (ax_n, ax_b, ax_k):
         ax.title.set_fontsize(9)
     if np.nanmax(sub[sub["metric"] == "norm_ratio"]["value"]) > 3:

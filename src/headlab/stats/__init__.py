@@ -9,12 +9,14 @@ go to under/overflow counters, and the reservoir keeps at most ``reservoir`` inp
 
 Statistics are saved as safetensors with a JSON header holding the layout, the model fingerprint
 and the data fingerprint; using them on another model or layout raises
-:class:`~headlab.errors.StatsMismatchError`.
+:class:`~headlab.errors.StatsMismatchError`. A peak or median read from too few values raises a
+:class:`ThinStatisticsWarning` (or tells the job's ``on_status``) naming the fix.
 """
 
 from headlab.stats.collect import StatsCollector as StatsCollector
 from headlab.stats.collect import collect_stats as collect_stats
 from headlab.stats.config import StatsConfig as StatsConfig
 from headlab.stats.container import Stats as Stats
+from headlab.stats.thin import ThinStatisticsWarning as ThinStatisticsWarning
 
-__all__ = ["Stats", "StatsCollector", "StatsConfig", "collect_stats"]
+__all__ = ["Stats", "StatsCollector", "StatsConfig", "ThinStatisticsWarning", "collect_stats"]

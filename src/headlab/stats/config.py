@@ -1,9 +1,11 @@
-"""How statistics are collected: :class:`StatsConfig` (bins, histogram range, reservoir)."""
+"""How statistics are collected: :class:`StatsConfig` (bins, histogram range, reservoir, and what
+``peak`` reads from them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from headlab.defaults import DEFAULT_BINS
 from headlab.errors import ConfigError
 
 
@@ -23,9 +25,13 @@ class StatsConfig:
         seed: seed of the reservoir sampling.
         skip_first: leave each input's first real token (often a BOS attention sink; column 0
             unless the batch is left-padded) out of mean/variance/histogram.
+        peak_estimator: what a plain ``peak`` reads from these statistics: ``"kde"`` (a Gaussian
+            kernel density of bandwidth ``DEFAULT_KDE_BANDWIDTH``, stable from ~25k values per
+            neuron) or ``"hist"`` (the fullest bin, which needs far more; see
+            ``docs/peak-convergence.md``). Files saved before this setting existed read ``"hist"``.
     """
 
-    bins: int = 1000
+    bins: int = DEFAULT_BINS
     range: str = "quantile"
     quantile: float = 0.001
     fixed_range: tuple[float, float] | None = None
@@ -33,6 +39,7 @@ class StatsConfig:
     reservoir: int = 16
     seed: int = 0
     skip_first: bool = False
+    peak_estimator: str = "kde"
 
     def __post_init__(self) -> None:
         if self.bins < 2:
@@ -47,5 +54,9 @@ class StatsConfig:
                 raise ConfigError("range='fixed' needs fixed_range=(low, high) with low < high")
         if not 0 <= self.quantile < 0.5:
             raise ConfigError(f"StatsConfig.quantile must be in [0, 0.5), got {self.quantile}")
+        if self.peak_estimator not in ("hist", "kde"):
+            raise ConfigError(
+                f"StatsConfig.peak_estimator must be 'hist' or 'kde', got {self.peak_estimator!r}"
+            )
         if self.warmup_tokens < 1 or self.reservoir < 0:
             raise ConfigError("warmup_tokens must be >= 1 and reservoir >= 0")

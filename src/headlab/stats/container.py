@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from headlab.defaults import DEFAULT_KDE_BANDWIDTH
 from headlab.errors import ConfigError, StatsMismatchError
 from headlab.models.layout import Layout, describe
 from headlab.stats.config import StatsConfig
@@ -25,7 +28,10 @@ _FORMAT = "headlab-stats/1"
 class Stats:
     """Collected statistics; implements what interventions need (``constant``, ``reservoir``).
 
-    Tensors are stacked over layers; ``N = n_heads * d_head`` neurons per layer.
+    Tensors are stacked over layers; ``N = n_heads * d_head`` neurons per layer. The first
+    :meth:`peak` or :meth:`median` of each kind checks the statistics are thick enough for it
+    (:func:`~headlab.stats.thin.thin_message`) and, when not, tells ``say`` (a job sets its
+    ``on_status``) or raises a :class:`~headlab.stats.thin.ThinStatisticsWarning`.
     """
 
     layout: dict[str, object]
@@ -34,7 +40,14 @@ class Stats:
     model_fingerprint: str | None = None
     data_fingerprint: str | None = None
     n_inputs: int = 0
+    say: Callable[[str], None] | None = field(default=None, repr=False)
     _cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _told: set[tuple] = field(default_factory=set, repr=False)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["say"] = None  # a job's printer stays in its process (Ray workers warn instead)
+        return state
 
     # -- shapes ------------------------------------------------------------------------------
     @property
@@ -75,8 +88,15 @@ class Stats:
         t = self.tensors
         return self._heads((t["hi"] - t["lo"]) / self.config.bins)
 
-    def peak(self, estimator: str = "hist", bandwidth: float = 0.1) -> torch.Tensor:
-        """Mode of every neuron, ``[layer, head, d_head]``."""
+    def peak(
+        self, estimator: str | None = None, bandwidth: float = DEFAULT_KDE_BANDWIDTH
+    ) -> torch.Tensor:
+        """Mode of every neuron, ``[layer, head, d_head]``: ``"hist"``, the centre of the fullest
+        bin; ``"kde"``, the highest point of a Gaussian kernel density (kernel sd ``bandwidth``
+        times the neuron's sd) computed on the histogram; ``None``, ``config.peak_estimator``."""
+        estimator = self.config.peak_estimator if estimator is None else estimator
+        if estimator == "hist":
+            bandwidth = DEFAULT_KDE_BANDWIDTH  # unused: one cache entry
         key = ("peak", estimator, bandwidth)
         if key not in self._cache:
             hist = self.tensors["hist"].double()  # [layer, N, bins]
@@ -89,6 +109,7 @@ class Stats:
                 raise ConfigError(f"peak estimator must be 'hist' or 'kde', got {estimator!r}")
             k = hist.argmax(dim=-1).double()
             self._cache[key] = self._heads((lo + (k + 0.5) * width).float())
+            self._check_thick(key, "peak", estimator, bandwidth)
         return self._cache[key]
 
     def median(self) -> torch.Tensor:
@@ -107,7 +128,23 @@ class Stats:
             frac = ((total / 2 - before) / inbin).clamp(0, 1)
             width = (t["hi"].double() - t["lo"].double()) / self.config.bins
             self._cache[("median",)] = self._heads((t["lo"] + (k + frac) * width).float())
+            self._check_thick(("median",), "median")
         return self._cache[("median",)]
+
+    def _check_thick(self, key: tuple, kind: str, *args: object) -> None:
+        """Report, once per statistics object and estimator, statistics too thin for ``kind``."""
+        from headlab.stats.thin import ThinStatisticsWarning, thin_message
+
+        if key in self._told:
+            return
+        self._told.add(key)
+        message = thin_message(self, kind, *args)
+        if message is None:
+            return
+        if self.say is not None:
+            self.say(message)
+        else:
+            warnings.warn(message, ThinStatisticsWarning, stacklevel=4)
 
     # -- StatsSource -----------------------------------------------------------------------
     def constant(self, kind: str, layer: int, **options: float | str) -> torch.Tensor:
@@ -116,8 +153,10 @@ class Stats:
         if kind == "median":
             return self.median()[layer]
         if kind == "peak":
+            estimator = options.get("estimator")
             return self.peak(
-                str(options.get("estimator", "hist")), float(options.get("bandwidth", 0.1))
+                None if estimator is None else str(estimator),
+                float(options.get("bandwidth", DEFAULT_KDE_BANDWIDTH)),
             )[layer]
         raise ConfigError(f"unknown statistic {kind!r}; use mean, median or peak")
 
@@ -198,6 +237,7 @@ class Stats:
         if header.get("format") != _FORMAT:
             raise ConfigError(f"{path} has format {header.get('format')!r}, expected {_FORMAT!r}")
         cfg = header["config"]
+        cfg.setdefault("peak_estimator", "hist")  # saved before `peak` meant the KDE peak
         if cfg.get("fixed_range") is not None:
             cfg["fixed_range"] = tuple(cfg["fixed_range"])
         stats = cls(
@@ -214,14 +254,22 @@ class Stats:
 
 
 def _smooth(hist: torch.Tensor, sigma_bins: torch.Tensor) -> torch.Tensor:
-    """Gaussian-smooth each row of ``hist`` ([layer, N, bins]) with its own width (binned KDE)."""
+    """Gaussian-smooth each row of ``hist`` ([layer, N, bins]) with its own width ``sigma_bins``
+    ([layer, N], in bins): a binned KDE. The kernel is sampled on the bins, cut at
+    ``4 * max(sigma)`` (at most ``bins``) and normalised; the convolution is a product in
+    frequency space, one layer at a time, so memory stays ~``N * bins`` whatever the width (a
+    direct sliding window needs ``N * bins * 8 * sigma``: tens of GB for a real model)."""
     bins = hist.shape[-1]
     radius = int(min(bins, math.ceil(4 * float(sigma_bins.max()))))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kern = torch.exp(-0.5 * (offsets / sigma_bins[..., None]) ** 2)  # [layer, N, taps]
-    kern = kern / kern.sum(-1, keepdim=True)
-    flat = hist.reshape(-1, 1, bins)
-    padded = F.pad(flat, (radius, radius))
-    windows = padded.unfold(-1, 2 * radius + 1, 1)  # [rows, 1, bins, taps]
-    out = (windows * kern.reshape(-1, 1, 1, 2 * radius + 1)).sum(-1)
-    return out.reshape(hist.shape)
+    n = bins + 2 * radius  # zero padding >= radius on each side: no wrap-around
+    j = torch.arange(n, dtype=torch.float64)
+    dist = torch.minimum(j, n - j)  # [n] circular offset of each tap
+    out = torch.empty_like(hist)
+    for layer in range(hist.shape[0]):
+        kern = torch.exp(-0.5 * (dist / sigma_bins[layer, :, None]) ** 2)  # [N, n]
+        kern = kern.masked_fill(dist > radius, 0.0)
+        kern = kern / kern.sum(-1, keepdim=True)
+        spec = torch.fft.rfft(F.pad(hist[layer], (radius, radius)), n=n)  # [N, n // 2 + 1]
+        smooth = torch.fft.irfft(spec * torch.fft.rfft(kern, n=n), n=n)  # [N, n]
+        out[layer] = smooth[:, radius : radius + bins]
+    return out

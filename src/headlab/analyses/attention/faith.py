@@ -30,15 +30,14 @@ from torch import nn
 
 from headlab.analyses.attention.mass import attention_mass, require_keys
 from headlab.analyses.attention.rank import compare_rankings
-from headlab.analyses.sweep import ablate_each
+from headlab.analyses.sweep import COUNTERFACTUAL, ablate_each, check_method, method_intervention
 from headlab.batch import Batch
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
 from headlab.heads import Head, heads_by_layer, top_heads
-from headlab.hooks import record
-from headlab.interventions import Intervention, Patch, Plan, StatsSource, intervention_from_name
+from headlab.interventions import Intervention, Plan, StatsSource
 from headlab.metrics import Metric, get_metric
-from headlab.models.layout import Layout, describe, input_device
+from headlab.models.layout import Layout, describe
 from headlab.parts import Context, Part
 
 __all__ = [
@@ -56,8 +55,6 @@ EFFECT_COLUMNS = [
     "example", "layer", "head", "method", "metric", "value", "baseline", "delta", "weight",
     "effect",
 ]  # fmt: skip
-#: the name, in :attr:`headlab.parts.Context.batches`, of the batch ``patch`` takes activations from
-COUNTERFACTUAL = "counterfactual"
 
 
 def faithfulness_metric(batch: Batch) -> str:
@@ -68,37 +65,16 @@ def faithfulness_metric(batch: Batch) -> str:
     return "ce"
 
 
-def _intervention(
-    model: nn.Module,
-    method: str | Intervention,
-    batch: Batch,
-    stats: StatsSource | None,
-    counterfactual: Batch | None,
-) -> tuple[str, Intervention]:
-    if isinstance(method, Intervention):
-        return method.label, method
-    if method == "patch":
-        if counterfactual is None:
-            raise ConfigError(
-                "method 'patch' patches in activations from a counterfactual: pass "
-                "counterfactual=Batch (position-aligned with the batch); the CLI uses the "
-                "statistics split"
-            )
-        if counterfactual.seq_len != batch.seq_len or len(counterfactual) < len(batch):
-            raise ConfigError(
-                f"the counterfactual ({len(counterfactual)} x {counterfactual.seq_len}) must have "
-                f"at least {len(batch)} examples of length {batch.seq_len}, position-aligned"
-            )
-        device = input_device(model)
-        cf = counterfactual.slice(0, len(batch)).to(device)
-        return "patch", Patch(record(model, cf.model_inputs()))
-    iv = intervention_from_name(method)
-    if iv.needs is not None and stats is None:
+def _intervention(method: str | Intervention, ctx: Context, layer: int) -> tuple[str, Intervention]:
+    """The method's table name and Intervention (:func:`method_intervention`: ``patch`` records
+    the context's counterfactual), refusing a statistics method without statistics."""
+    iv = method_intervention(method, ctx, layers=[layer])
+    if iv.needs is not None and ctx.stats is None:
         raise ConfigError(
             f"method {method!r} needs activation statistics ({iv.needs}); collect them with "
             "headlab.collect_stats(model, stats_batch) and pass stats=..., or use method='zero'"
         )
-    return method, iv
+    return (method if isinstance(method, str) else iv.label), iv
 
 
 @dataclass(frozen=True)
@@ -122,8 +98,7 @@ class EffectPart(Part):
 
     def run(self, ctx: Context, on_forward: Callable[[int], None] | None = None) -> pd.DataFrame:
         m = get_metric(self.metric)
-        cf = ctx.batches.get(COUNTERFACTUAL)
-        name, iv = _intervention(ctx.model, self.method, ctx.batch, ctx.stats, cf)
+        name, iv = _intervention(self.method, ctx, self.layer)
         common = dict(batch_size=ctx.batch_size, layout=ctx.layout, cache=ctx.cache)
         clean = run_plans(ctx.model, ctx.batch, [Plan()], [m], **common)[0][m.name]
         base = clean.per_example.double()  # [batch]
@@ -166,8 +141,8 @@ def effect_parts(
     """The causal effects as parts, layer by layer (default metric: :func:`faithfulness_metric`
     of ``batch``; default heads: every head)."""
     m = get_metric(metric if metric is not None else faithfulness_metric(batch))
-    if isinstance(method, str) and method != "patch":
-        intervention_from_name(method)  # a bad name fails before any forward
+    if isinstance(method, str):
+        check_method(method)  # a bad name fails before any forward
     by_layer = heads_by_layer(layout, heads)
     return [EffectPart(method, m.name, ly, tuple(by_layer[ly])) for ly in sorted(by_layer)]
 

@@ -3,7 +3,7 @@
 - :mod:`~headlab.analyses.compare.parts`: the measures by name (:func:`measures`) and as parts,
   each measured per example (:func:`compare_plan`).
 - :mod:`~headlab.analyses.compare.stats`: scores, Spearman with bootstrap intervals over
-  examples, top-k overlap.
+  examples, top-k overlap, recall and depth of the reference's top-k, cost per measure.
 - :mod:`~headlab.analyses.compare.comparison`: :func:`compare` (measure and summarise in one
   call), :func:`summarise` (per-example tables -> :class:`Comparison`).
 """
@@ -21,8 +21,10 @@ from headlab.analyses.compare.parts import measures as measures
 from headlab.analyses.compare.parts import part_key as part_key
 from headlab.analyses.compare.stats import PER_EXAMPLE_COLUMNS as PER_EXAMPLE_COLUMNS
 from headlab.analyses.compare.stats import agreement as agreement
+from headlab.analyses.compare.stats import measure_cost as measure_cost
 from headlab.analyses.compare.stats import measure_scores as measure_scores
 from headlab.analyses.compare.stats import pairwise_agreement as pairwise_agreement
+from headlab.analyses.compare.stats import recall_depth as recall_depth
 
 __all__ = [
     "CHEAP_MEASURES",
@@ -35,9 +37,11 @@ __all__ = [
     "compare_parts",
     "compare_plan",
     "interval",
+    "measure_cost",
     "measure_scores",
     "measures",
     "pairwise_agreement",
     "part_key",
+    "recall_depth",
     "summarise",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 
 from headlab.analyses.compare.parts import CHEAP_MEASURES, ComparePart, compare_plan, measures
 from headlab.analyses.compare.stats import agreement, measure_scores, pairwise_agreement
+from headlab.analyses.sweep import COUNTERFACTUAL
 from headlab.batch import Batch
 from headlab.errors import ConfigError
 from headlab.interventions import StatsSource
@@ -40,13 +41,15 @@ def compare_parts(
     attention_keys: str = "auto",
     skip: Container[str] = (),
     on_forward: Callable[[int], None] | None = None,
+    counterfactual: Batch | None = None,
 ) -> Iterator[ComparePart]:
     """Yield every measure per example, one part at a time, skipping keys in ``skip``: cheap
     measures first, then exact ablation per ``(method, layer)`` (the parts of
     :func:`compare_plan`, run in this process)."""
     layout = layout if layout is not None else describe(model)
     names = measures(methods, cheap)
-    ctx = Context(model, layout, batch, stats, batch_size)
+    batches = {} if counterfactual is None else {COUNTERFACTUAL: counterfactual}
+    ctx = Context(model, layout, batch, stats, batch_size, batches)
     for part in compare_plan(
         layout, names, metric=metric, rollout_sources=rollout_sources,
         attention_keys=attention_keys, skip=skip,
@@ -63,7 +66,8 @@ class Comparison:
         per_example: every measure per example (``measure, metric, example, layer, head, value,
             weight``).
         scores: whole-batch scores (``layer, head, measure, metric, value, rank``).
-        agreement: each measure against the reference (Spearman, bootstrap CI, top-k overlap).
+        agreement: each measure against the reference (Spearman, bootstrap CI, top-k overlap,
+            recall of the reference's top-k, depth, cost in forward-pass equivalents).
         pairs: Spearman and top-k overlap between every pair of measures (point estimates).
     """
 
@@ -116,21 +120,26 @@ def compare(
     layout: Layout | None = None,
     rollout_sources: str = "context",
     attention_keys: str = "auto",
+    counterfactual: Batch | None = None,
 ) -> Comparison:
     """Measure every head's importance with each measure on ``batch`` and compare the rankings.
 
     Args:
         methods: exact ablation methods (measures ``ablation:METHOD``); ``mean``, ``peak`` ...
             need ``stats``.
-        cheap: ``atp`` (one per method), ``atp:METHOD``, ``gradient``, ``rollout``, ``attention``.
+        cheap: ``atp`` (one per method), ``atp:METHOD``, ``ig`` (one per method),
+            ``ig:METHOD[:STEPS]`` (layer-wise integrated gradients), ``gradient``, ``rollout``,
+            ``attention``.
         metric: one metric with a gradient (``ce``, ``logit_diff``, ``answer_logprob``).
         reference: the measure the others are correlated with (default: ``ablation:`` of the
             first method).
         n_boot, ci, seed: bootstrap resamples of the examples, interval level, and seed.
-        k: top-k overlap size.
+        k: top-k overlap and recall size.
         rollout_sources: ``context`` or ``previous`` (:func:`rollout_per_example`).
         attention_keys: key set of the ``attention`` measure (``auto``, ``context``,
             ``induction``, ``answer``, ``previous`` ...; :func:`attention_mass`).
+        counterfactual: what method ``patch`` (``ablation:patch``) and ``atp:patch`` patch in,
+            position-aligned with ``batch``.
     """
     names = measures(methods, cheap)
     reference = reference or names[0]
@@ -141,7 +150,7 @@ def compare(
     parts = compare_parts(
         model, batch, methods=methods, cheap=cheap, metric=metric, stats=stats,
         batch_size=batch_size, layout=layout, rollout_sources=rollout_sources,
-        attention_keys=attention_keys,
+        attention_keys=attention_keys, counterfactual=counterfactual,
     )  # fmt: skip
     per_example = pd.concat([p.table for p in parts], ignore_index=True)
     return summarise(

@@ -2,13 +2,17 @@
 
 Measures, by name:
 
-- ``ablation:METHOD`` (``ablation:zero``, ``ablation:mean`` ...): exact single-head ablation
-  through the engine; per example the change of the metric, weighted by its scored tokens. One
-  part per ``(method, layer)``.
+- ``ablation:METHOD`` (``ablation:zero``, ``ablation:mean`` ..., ``ablation:patch``: exact
+  patching from the context's counterfactual): exact single-head ablation through the engine;
+  per example the change of the metric, weighted by its scored tokens. One part per
+  ``(method, layer)``.
 - ``atp:METHOD``: attribution patching toward the same replacement (``atp`` alone means one per
   ablation method); per example ``sum_t (r - z) . dM/dz`` over its tokens / its scored tokens.
 - ``gradient``: Michel et al.'s ``|dL_x/dxi_h|`` per example, layer-normalised after averaging.
   Every ``atp:*`` measure and ``gradient`` come from one forward + backward: one part.
+- ``ig:METHOD[:STEPS]``: layer-wise integrated gradients toward the same replacement (``ig``
+  alone means one per ablation method, :data:`~headlab.analyses.estimate.ig.DEFAULT_STEPS`
+  steps; :mod:`headlab.analyses.estimate.ig`); per example as ``atp``. One part per measure.
 - ``rollout``: head-level attention rollout from the target position to the context
   (:func:`headlab.analyses.estimate.rollout_per_example`).
 - ``attention``: the raw attention weight
@@ -35,7 +39,8 @@ from torch import nn
 from headlab.analyses.attention.mass import attention_mass
 from headlab.analyses.compare.stats import PER_EXAMPLE_COLUMNS
 from headlab.analyses.estimate import estimate_terms, rollout_per_example
-from headlab.analyses.sweep import ablate_each
+from headlab.analyses.estimate.ig import DEFAULT_STEPS, is_ig, parse_ig
+from headlab.analyses.sweep import COUNTERFACTUAL, ablate_each, check_method, method_intervention
 from headlab.batch import Batch
 from headlab.engine import run_plans
 from headlab.errors import ConfigError
@@ -58,7 +63,7 @@ __all__ = [
     "part_key",
 ]
 
-#: cheap measures accepted besides ``atp:METHOD``
+#: cheap measures accepted besides ``atp:METHOD``, ``ig`` and ``ig:METHOD[:STEPS]``
 CHEAP_MEASURES = ("atp", "gradient", "rollout", "attention")
 
 Tables = dict[str, pd.DataFrame]
@@ -72,23 +77,28 @@ def part_key(measure: str, layer: int | None = None) -> str:
 
 def measures(methods: Sequence[str], cheap: Sequence[str]) -> list[str]:
     """The measure names for exact ablation ``methods`` and ``cheap`` measures (``atp`` expands
-    to ``atp:METHOD`` for every method), checked."""
+    to ``atp:METHOD`` for every method, ``ig`` to ``ig:METHOD:STEPS``), checked."""
     out = [f"ablation:{m}" for m in methods]
     for m in methods:
-        intervention_from_name(m)  # a clear error for an unknown method
+        check_method(m)  # a clear error for an unknown method (patch: from a counterfactual)
     for c in cheap:
         if c == "atp":
             out += [f"atp:{m}" for m in methods]
+        elif c == "ig":
+            out += [f"ig:{m}:{DEFAULT_STEPS}" for m in methods]
         elif c in CHEAP_MEASURES or c.startswith("atp:"):
+            out.append(c)
+        elif c.startswith("ig:"):
+            if parse_ig(c)[0] != "patch":
+                intervention_from_name(parse_ig(c)[0])
             out.append(c)
         else:
             raise ConfigError(
-                f"unknown measure {c!r}; choose from {', '.join(CHEAP_MEASURES)} or atp:METHOD"
+                f"unknown measure {c!r}; choose from {', '.join(CHEAP_MEASURES)}, atp:METHOD, "
+                "ig or ig:METHOD[:STEPS]"
             )
     if not methods:
         raise ConfigError("give at least one exact ablation method (the reference), e.g. zero")
-    if any(m.startswith("atp:patch") for m in out):
-        raise ConfigError("atp:patch has no exact ablation counterpart here; use headlab estimate")
     return list(dict.fromkeys(out))
 
 
@@ -186,7 +196,8 @@ class GradientPart(MeasurePart):
         m = get_metric(self.metric)
         terms = estimate_terms(
             ctx.model, ctx.batch, methods=list(self.measures), metric=m, stats=ctx.stats,
-            batch_size=ctx.batch_size, layout=ctx.layout,
+            counterfactual=ctx.batches.get(COUNTERFACTUAL), batch_size=ctx.batch_size,
+            layout=ctx.layout,
         )  # fmt: skip
         out = {}
         for n in self.measures:
@@ -254,7 +265,7 @@ class ExactPart(MeasurePart):
         layout, batch, ly = ctx.layout, ctx.batch, self.layer
         common = dict(batch_size=ctx.batch_size, layout=layout, cache=ctx.cache)
         c = run_plans(ctx.model, batch, [Plan()], [m], **common)[0][m.name]
-        iv = intervention_from_name(self.measure.partition(":")[2])
+        iv = method_intervention(self.measure.partition(":")[2], ctx, layers=[ly])
         res = ablate_each(
             ctx.model, batch, iv, ly, range(layout.n_heads), [m], stats=ctx.stats,
             on_forward=on_forward, **common,
@@ -284,6 +295,8 @@ def compare_plan(
     todo = tuple(n for n in grad if part_key(n) not in skip)
     if todo:
         parts.append(GradientPart(todo, metric))
+    for n in (n for n in names if is_ig(n) and part_key(n) not in skip):
+        parts.append(GradientPart((n,), metric))  # layer by layer: a part of its own
     if "rollout" in names and "rollout" not in skip:
         parts.append(RolloutPart(rollout_sources))
     if "attention" in names and "attention" not in skip:

@@ -11,6 +11,17 @@ i.e. the weighted mean, then ``|.|`` for every measure alike (the protocol's "us
 consistently"). The ``gradient`` measure (Michel et al.) is then divided by its layer's l2 norm,
 as :func:`headlab.estimate` does. With ``w_i`` the scored tokens of example ``i`` and ``v_{i,h}``
 its mean change, the whole-batch score is exactly the token-weighted ``|delta|`` of a sweep.
+
+Besides Spearman, :func:`agreement` reports what a search for the top heads needs: ``recall``,
+the share of the reference's top-k heads among the measure's top-k (for two sets of k heads the
+same number as the top-k overlap), ``depth``, how far down the measure's ranking one must go to
+hold all of the reference's top-k (the exact ablations an estimate-ordered search would need),
+and the measure's ``cost`` in forward-pass equivalents per example
+(:func:`measure_cost`, the model of :mod:`headlab.analyses.estimate.cost`), also as a fraction of
+the exact single-head sweep's on the same examples (``cost_fraction``). ``search_fraction`` adds
+the exact ablation of the measure's top-``depth`` heads (a clean forward plus a forward from each
+one's layer on): what a search that checks heads exactly in the measure's order pays, at least,
+to hold the reference's whole top-k.
 """
 
 from __future__ import annotations
@@ -21,10 +32,19 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from headlab.analyses.estimate.cost import exact_sweep_cost, forward_from, gradient_cost, ig_cost
+from headlab.analyses.estimate.ig import parse_ig
 from headlab.analyses.ranking import bootstrap_counts, rank_correlation, topk_overlap
 from headlab.errors import ConfigError
 
-__all__ = ["PER_EXAMPLE_COLUMNS", "agreement", "measure_scores", "pairwise_agreement"]
+__all__ = [
+    "PER_EXAMPLE_COLUMNS",
+    "agreement",
+    "measure_cost",
+    "measure_scores",
+    "pairwise_agreement",
+    "recall_depth",
+]
 
 PER_EXAMPLE_COLUMNS = ["measure", "metric", "example", "layer", "head", "value", "weight"]
 #: measures whose scores are divided by their layer's l2 norm after averaging (Michel et al.)
@@ -93,6 +113,36 @@ def _arrays(per_example: pd.DataFrame) -> tuple[dict[str, _Arrays], pd.DataFrame
     return out, heads
 
 
+def measure_cost(name: str, n_layers: int, n_heads: int) -> float:
+    """Forward-pass equivalents per example of a measure by name: ``ablation:*`` (the exact
+    sweep), ``atp:*`` and ``gradient``, ``ig:*``, ``rollout`` and ``attention`` (one forward);
+    NaN for a measure of the user's own (a per-example table can hold any name)."""
+    if name.startswith("ablation:"):
+        return exact_sweep_cost(n_layers, n_heads)
+    if name.startswith("ig:"):
+        return ig_cost(n_layers, parse_ig(name)[1], counterfactual=parse_ig(name)[0] == "patch")
+    if name.startswith("atp:") or name == "gradient":
+        return gradient_cost(counterfactual=name == "atp:patch")
+    if name in ("rollout", "attention"):
+        return 1.0
+    return math.nan
+
+
+def recall_depth(scores: np.ndarray, reference: np.ndarray, k: int) -> tuple[float, int]:
+    """``(recall, depth)`` of ``scores`` against ``reference`` (one value per head, larger =
+    more important): the share of the reference's top ``k`` among the top ``k`` of ``scores``,
+    and the smallest ``m`` whose top ``m`` of ``scores`` holds all of the reference's top ``k``
+    (ties broken by position, earlier first, as :func:`topk_overlap`)."""
+    scores, reference = np.asarray(scores, dtype=float), np.asarray(reference, dtype=float)
+    if not 1 <= k <= len(scores) or len(scores) != len(reference):
+        raise ConfigError(f"recall needs 1 <= k <= {len(scores)} heads and equal lengths; k={k}")
+    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+    rank = np.empty(len(order), dtype=int)
+    rank[order] = np.arange(1, len(order) + 1)  # 1 = the measure's most important head
+    top = np.argsort(-reference, kind="stable")[:k]
+    return float((rank[top] <= k).mean()), int(rank[top].max())
+
+
 def measure_scores(per_example: pd.DataFrame) -> pd.DataFrame:
     """Every measure's score for every head on the whole batch: ``layer, head, measure, metric,
     value`` (the module's ``|weighted mean|``) and ``rank`` (1 = most important; ties share the
@@ -121,7 +171,10 @@ def agreement(
     percentile interval over examples (all measures resampled together), and top-k overlap.
 
     Returns one row per other measure: ``measure, metric, reference, spearman, ci_low, ci_high,
-    topk_overlap, k, n_examples, n_heads, n_boot``. ``n_boot=0`` leaves the interval NaN.
+    topk_overlap, recall, depth, cost, cost_fraction, search_fraction, k, n_examples, n_heads,
+    n_boot`` (see the
+    module docstring; ``cost`` in forward-pass equivalents per example, ``cost_fraction`` of the
+    exact single-head sweep's). ``n_boot=0`` leaves the interval NaN.
 
     The interval is the plain percentile interval. With few examples it is coarse (4 examples
     have 35 distinct resamples) and need not contain the point estimate: a resample repeats
@@ -138,6 +191,8 @@ def agreement(
     if not 1 <= k <= n_heads:
         raise ConfigError(f"--top-k must be between 1 and the {n_heads} heads compared, got {k}")
     ref = arrays[reference]
+    n_layers, per_layer = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
+    exact = exact_sweep_cost(n_layers, per_layer)
     ones = np.ones((1, n))
     ref_point = ref.scores(ones)
     counts = bootstrap_counts(n, n_boot, seed) if n_boot else None
@@ -155,13 +210,20 @@ def agreement(
             boot = boot[~np.isnan(boot)]
             if boot.size:
                 low, high = (float(v) for v in np.percentile(boot, [lo, hi]))
+        recall, depth = recall_depth(point[0], ref_point[0], k)
+        cost = measure_cost(name, n_layers, per_layer)
+        checked = np.argsort(-np.nan_to_num(point[0], nan=-np.inf), kind="stable")[:depth]
+        search = cost + 1.0 + sum(forward_from(int(ly), n_layers) for ly in a.layers[checked])
         rows.append({
             "measure": name, "metric": a.metric, "reference": reference, "spearman": rho,
             "ci_low": low, "ci_high": high, "topk_overlap": topk_overlap(point[0], ref_point[0], k),
+            "recall": recall, "depth": depth, "cost": cost, "cost_fraction": cost / exact,
+            "search_fraction": search / exact,
             "k": k, "n_examples": n, "n_heads": n_heads, "n_boot": n_boot,
         })  # fmt: skip
     cols = ["measure", "metric", "reference", "spearman", "ci_low", "ci_high", "topk_overlap",
-            "k", "n_examples", "n_heads", "n_boot"]  # fmt: skip
+            "recall", "depth", "cost", "cost_fraction", "search_fraction", "k", "n_examples",
+            "n_heads", "n_boot"]  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
 
 

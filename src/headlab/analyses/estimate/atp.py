@@ -13,29 +13,23 @@
   from a target position to a set of source positions through each head
   (:mod:`headlab.analyses.estimate.rollout`).
 
-Rows: ``value``/``baseline``/``delta`` are the estimated metric, the clean metric and the
-estimated change for ``atp:*``; for ``gradient``, ``value`` is the layer-normalised importance,
-``delta`` the raw ``E|dL/dxi|`` and ``baseline`` NaN; for ``rollout`` (metric ``attention``),
-``value`` is the routed mass and ``baseline``/``delta`` are NaN. ``effect`` is what rankings sort
-by (positive: the head matters).
+This module computes the per-example terms (:func:`estimate_terms`, :class:`EstimateTerms`);
+:mod:`headlab.analyses.estimate.tables` turns them into the whole-batch table
+(:func:`~headlab.analyses.estimate.tables.estimate`) and the per-example one.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.estimate.rollout import rollout_per_example
-from headlab.analyses.sweep import COLUMNS, tidy
+from headlab.analyses.sweep import counterfactual_activations
 from headlab.batch import Batch
 from headlab.errors import ConfigError
-from headlab.hooks import add_to_heads, capture, record
+from headlab.hooks import add_to_heads, capture
 from headlab.interventions import (
     Intervention,
     Patch,
@@ -52,7 +46,6 @@ __all__ = [
     "EstimateTerms",
     "check_methods",
     "counterfactual_patch",
-    "estimate",
     "estimate_terms",
 ]
 
@@ -64,6 +57,8 @@ ESTIMATE_METHODS = (
     "atp:peak",
     "atp:resample",
     "atp:patch",
+    "ig:zero",
+    "ig:mean",
     "gradient",
     "rollout",
 )
@@ -74,10 +69,14 @@ def _replacement_name(method: str) -> str | None:
     if method in ("gradient", "rollout"):
         return None
     head, _, rest = method.partition(":")
+    if head == "ig" and rest:  # layer-wise integrated gradients, ig:METHOD[:STEPS]
+        from headlab.analyses.estimate.ig import parse_ig
+
+        return parse_ig(method)[0]
     if head != "atp" or not rest:
         raise ConfigError(
             f"unknown estimate {method!r}; use {', '.join(ESTIMATE_METHODS)}, atp:scale:A, "
-            "atp:peak:kde or atp:resample:SEED"
+            "atp:peak:kde, atp:resample:SEED or ig:METHOD[:STEPS] (e.g. ig:zero:2)"
         )
     return rest
 
@@ -104,7 +103,8 @@ def _parse(method: str, stats: StatsSource | None, patch: Patch | None) -> Inter
         if patch is None:
             raise ConfigError(
                 "atp:patch estimates patching in a counterfactual: pass counterfactual=Batch "
-                "(position-aligned with the batch); the CLI patches in the statistics split"
+                "(position-aligned with the batch); on the command line give --counterfactual "
+                "FILE.jsonl of clean/corrupted pairs ('builtin' for --task names or capitals)"
             )
         return patch
     iv = intervention_from_name(rest)
@@ -185,65 +185,6 @@ def _grad_pass(
     return out, weight, float(total.detach())
 
 
-def _table(
-    method: str,
-    metric: str,
-    value: torch.Tensor,
-    delta: torch.Tensor,
-    per: torch.Tensor,
-    effect: torch.Tensor,
-    baseline: float = math.nan,
-) -> pd.DataFrame:
-    """Rows for every head from ``[layer, head]`` tensors; ``per`` ([example, layer, head]) gives
-    the spread columns."""
-    n_layers, n_heads = value.shape
-    n = per.shape[0]
-    sd = per.double().std(0) if n > 1 else torch.full(value.shape, math.nan)
-    return pd.DataFrame(
-        {
-            "layer": np.repeat(np.arange(n_layers), n_heads),
-            "head": np.tile(np.arange(n_heads), n_layers),
-            "method": method,
-            "metric": metric,
-            "value": value.double().flatten().numpy(),
-            "baseline": baseline,
-            "delta": delta.double().flatten().numpy(),
-            "delta_sd": sd.flatten().numpy(),
-            "delta_se": (sd / math.sqrt(n)).flatten().numpy() if n > 1 else math.nan,
-            "n": n,
-            "effect": effect.double().flatten().numpy(),
-        },
-        columns=COLUMNS,
-    )
-
-
-def _atp_table(
-    method: str, metric: Metric, per_example: torch.Tensor, weight: torch.Tensor, base: float
-) -> pd.DataFrame:
-    """``per_example``: [example, layer, head] contributions to the batch total."""
-    ok = weight > 0
-    delta = per_example.sum(0) / float(weight.sum())  # change of the token-weighted mean
-    per = per_example[ok] / weight[ok][:, None, None]  # change of each example's own mean
-    effect = -delta if metric.higher_is_better else delta
-    return _table(method, metric.name, base + delta, delta, per, effect, base)
-
-
-def _gradient_table(
-    metric: Metric, per_example: torch.Tensor, weight: torch.Tensor
-) -> pd.DataFrame:
-    """Michel et al.: ``I = E_x |dL/dxi|``, divided by the layer's l2 norm (+1e-20)."""
-    ok = weight > 0
-    per = (per_example[ok] / weight[ok][:, None, None]).abs()  # [example, layer, head]
-    raw = per.mean(0)  # [layer, head]
-    norm = raw / (raw.norm(dim=1, keepdim=True) + 1e-20)
-    return _table("gradient", metric.name, norm, raw, per, norm)
-
-
-def _rollout_table(per: torch.Tensor) -> pd.DataFrame:
-    mean = per.mean(0)
-    return _table("rollout", "attention", mean, torch.full_like(mean, math.nan), per, mean)
-
-
 @dataclass(frozen=True, eq=False)
 class EstimateTerms:
     """Per-example terms of the gradient-based estimates (one metric), from which
@@ -265,20 +206,25 @@ class EstimateTerms:
 
 
 def counterfactual_patch(
-    model: nn.Module, batch: Batch, methods: Sequence[str], counterfactual: Batch | None
+    model: nn.Module,
+    batch: Batch,
+    methods: Sequence[str],
+    counterfactual: Batch | None,
+    *,
+    batch_size: int = 8,
+    layout: Layout | None = None,
 ) -> Patch | None:
     """The ``atp:patch`` replacement: the head outputs recorded on ``counterfactual`` (``None``
-    if ``methods`` lack ``atp:patch`` or no counterfactual is given), checked to match ``batch``
-    position by position."""
-    if "atp:patch" not in methods or counterfactual is None:
+    if no method of ``methods`` patches or no counterfactual is given), checked to match
+    ``batch`` position by position (:func:`headlab.analyses.sweep.counterfactual_activations`,
+    the one recording exact ``patch`` uses too)."""
+    if not any(_replacement_name(m) == "patch" for m in methods) or counterfactual is None:
         return None
-    if counterfactual.seq_len != batch.seq_len or len(counterfactual) != len(batch):
-        raise ConfigError(
-            f"the counterfactual batch ({len(counterfactual)} x {counterfactual.seq_len}) "
-            f"must match the batch ({len(batch)} x {batch.seq_len}) position by position"
+    return Patch(
+        counterfactual_activations(
+            model, batch, counterfactual, batch_size=batch_size, layout=layout
         )
-    device = input_device(model)
-    return Patch(record(model, counterfactual.to(device).model_inputs(), layers=None))
+    )
 
 
 def _terms(
@@ -295,6 +241,15 @@ def _terms(
             f"metric {metric.name!r} compares with the clean run and has zero gradient "
             "there; estimate ce, logit_diff or answer_logprob instead"
         )
+    from headlab.analyses.estimate.ig import ig_terms, is_ig
+
+    ig = {m: iv for m, iv in replacements.items() if is_ig(m)}
+    if ig:  # its own passes, layer by layer (headlab.analyses.estimate.ig)
+        terms = ig_terms(model, batch, ig, metric=metric, stats=stats, batch_size=batch_size,
+                         layout=layout)  # fmt: skip
+        replacements = {m: iv for m, iv in replacements.items() if m not in ig}
+        if not replacements:
+            return terms
     sums: dict[str, list[torch.Tensor]] = {m: [] for m in replacements}
     weights, total = [], 0.0
     for c, chunk in enumerate(batch.chunks(batch_size)):
@@ -307,6 +262,8 @@ def _terms(
         total += t
     weight = torch.cat(weights)
     per_example = {m: torch.cat(sums[m]) for m in replacements}  # [example, layer, head] each
+    if ig:
+        per_example.update(terms.per_example)
     return EstimateTerms(per_example, weight, total / float(weight.sum()), metric.name)
 
 
@@ -330,63 +287,8 @@ def estimate_terms(
             "estimate_terms takes atp:* and gradient methods; rollout has its own "
             "rollout_per_example()"
         )
-    patch = counterfactual_patch(model, batch, methods, counterfactual)
+    patch = counterfactual_patch(
+        model, batch, methods, counterfactual, batch_size=batch_size, layout=layout
+    )
     parsed = {m: _parse(m, stats, patch) for m in methods}
     return _terms(model, batch, get_metric(metric), layout, parsed, stats, batch_size)
-
-
-def estimate(
-    model: nn.Module,
-    batch: Batch,
-    *,
-    methods: Sequence[str] = ("atp:zero",),
-    metrics: Sequence[str | Metric] = ("ce",),
-    stats: StatsSource | None = None,
-    counterfactual: Batch | None = None,
-    batch_size: int = 8,
-    layout: Layout | None = None,
-    rollout_target: int | None = None,
-    rollout_sources: str = "context",
-) -> pd.DataFrame:
-    """Estimate every head's importance at once (see the module docstring for the methods).
-
-    Args:
-        model: the model (left unmodified; gradients are taken only w.r.t. head-output taps).
-        batch: evaluation examples.
-        methods: names from :data:`ESTIMATE_METHODS` (all ``atp:*`` and ``gradient`` share one
-            forward + backward per metric).
-        metrics: metrics with a gradient (``ce``, ``logit_diff``, ``answer_logprob`` ...).
-        stats: statistics for ``atp:mean`` / ``median`` / ``peak`` / ``resample``.
-        counterfactual: inputs for ``atp:patch``, position-aligned with ``batch``.
-        rollout_target: position traced by ``rollout`` (default: ``answer_pos``, else the last
-            real token).
-        rollout_sources: ``context`` (positions 1..t-1) or ``previous`` (t-1).
-
-    Returns:
-        A tidy table with the sweep's columns, one row per (layer, head, method, metric).
-    """
-    layout = layout if layout is not None else describe(model)
-    methods = check_methods(methods)
-    patch = counterfactual_patch(model, batch, methods, counterfactual)
-    parsed = {m: _parse(m, stats, patch) for m in methods}
-    grad_methods = {m: iv for m, iv in parsed.items() if m != "rollout"}
-    tables: list[pd.DataFrame] = []
-    if grad_methods:
-        for metric in (get_metric(m) for m in metrics):
-            terms = _terms(model, batch, metric, layout, grad_methods, stats, batch_size)
-            for m, per in terms.per_example.items():
-                if m == "gradient":
-                    tables.append(_gradient_table(metric, per, terms.weight))
-                else:
-                    tables.append(_atp_table(m, metric, per, terms.weight, terms.baseline))
-    if "rollout" in parsed:
-        per = rollout_per_example(
-            model,
-            batch,
-            batch_size=batch_size,
-            layout=layout,
-            target=rollout_target,
-            sources=rollout_sources,
-        )
-        tables.append(_rollout_table(per))
-    return tidy(pd.concat(tables, ignore_index=True))

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from headlab.analyses.estimate.atp import counterfactual_patch, estimate
+from headlab.analyses.estimate.atp import counterfactual_patch
+from headlab.analyses.estimate.tables import estimate
 from headlab.analyses.ranking import spearman
 from headlab.analyses.sweep import sweep, tidy
 from headlab.batch import Batch
