@@ -91,7 +91,6 @@ def artefact(name: str, tmp_path: Path) -> Path:
 
 
 def test_atlas_works_offline_in_chromium(atlas, browser, tmp_path):
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -117,17 +116,21 @@ def test_atlas_works_offline_in_chromium(atlas, browser, tmp_path):
     assert shown == pytest.approx(want.delta, rel=5e-4)
     assert f"n = {want.n}" in label
 
-    # click a cell: its card opens with the head's numbers
+    # click a cell (a real mouse event at the cell's centre): its card opens with its numbers
     want = row[(row.layer == 1) & (row["head"] == 3)].iloc[0]
-    drag = browser.find_element(By.CSS_SELECTOR, "#heatmap .nsewdrag")
     x, y = browser.execute_script(
-        "const L = document.getElementById('heatmap')._fullLayout;"
-        "return [L.xaxis.d2p(3), L.yaxis.d2p(1)];"
+        "const gd = document.getElementById('heatmap'), L = gd._fullLayout;"
+        "gd.scrollIntoView({block: 'center'});"
+        "const r = gd.querySelector('.nsewdrag').getBoundingClientRect();"
+        "return [r.left + L.xaxis.d2p(3), r.top + L.yaxis.d2p(1)];"
     )
-    size = drag.size
-    ActionChains(browser).move_to_element_with_offset(
-        drag, int(x - size["width"] / 2), int(y - size["height"] / 2)
-    ).click().perform()
+    mouse = {"x": x, "y": y, "button": "left", "clickCount": 1}
+    browser.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", **mouse})
+    # plotly clicks what it hovers (its hover is throttled): wait for the hover to reach the cell
+    wait_for(browser, "const e = document.querySelector('#heatmap .hoverlayer');"
+             "return e && e.textContent.includes('L1.H3');")  # fmt: skip
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": kind, **mouse})
     wait_for(browser, "return document.getElementById('card').classList.contains('open')")
     assert browser.find_element(By.ID, "card-title").text == "L1.H3"
     cells = browser.execute_script(
