@@ -67,7 +67,8 @@ def _pool() -> str:
 #: (run name, arguments after ``headlab``, forward passes of 4k tokens it costs, roughly)
 # fmt: off
 STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
-    ("sweep-docs", lambda: ["sweep", *RANK, "--method", "zero", "--metric", "ce,top1"], 40),
+    ("sweep-docs", lambda: ["sweep", *RANK, "--n-stats-blocks", "16", "--method", "zero",
+                            "--metric", "ce,top1"], 40),
     ("prune-neurons", lambda: [
         "prune", *EVAL, "--unit", "neuron", "--order", "random", "--seeds", "0,1,2",
         "--method", METHODS, "--fractions", "0.5,1", "--metric", "ce,top1",
