@@ -47,7 +47,7 @@ RANK = ["--data", "python-docs", "--seq-len", "128", "--n-blocks", "8", "--seed"
 #: (checked by ``check_held_out``), statistics from the next 800 blocks (102,400 tokens)
 EVAL = ["--data", "python-docs", "--seq-len", "128", "--n-blocks", "32", "--seed", "2",
         "--n-stats-blocks", "800", "--bins", "1000"]  # fmt: skip
-METHODS = "zero,mean,median,peak,peak:kde,resample"
+METHODS = "zero,mean,median,peak:hist,peak:kde,resample"  # peak:kde is plain `peak`
 TASK = ["--n-blocks", "32", "--n-stats-blocks", "32"]
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 MACHINE = ("one shared 2-core x86-64 CPU (24 GiB; PyTorch CPU build, fp32, 2 threads), with five "
@@ -79,7 +79,7 @@ STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
         "--tolerance", "0.1"], 24),
     ("prune-head-methods", lambda: [
         "prune", *EVAL, "--order", "random", "--seeds", "0,1,2",
-        "--method", "zero,mean,median,peak,resample", "--fractions", "0.3,0.5,1",
+        "--method", METHODS, "--fractions", "0.3,0.5,1",
         "--metric", "ce,top1", "--tolerance", "0.1"], 70),
     ("shift", lambda: ["shift", *EVAL, "--sweep", SWEEP, "--top-k", "5"], 30),
     ("compare", lambda: ["compare", "--data", "python-docs", "--seq-len", "64", "--n-blocks",
@@ -94,23 +94,21 @@ STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
 #: the encoder and the vision transformer (issue 16 item 4; sizes chosen with their author)
 TEN = ",".join(f"{i / 10:g}" for i in range(1, 11))
 DIGITS = ["--model", "digits-vit", "--data", "digits", "--n-blocks", "450", "--n-stats-blocks",
-          "1347", "--bins", "1000", "--batch-size", "450"]
+          "1347", "--bins", "200", "--batch-size", "450"]
 MINILM = ["--model", "minilm", "--data", "python-docs", "--seq-len", "128", "--n-stats-blocks",
           "800", "--bins", "1000"]
 MODEL_STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
     ("digits-prune-heads", lambda: [
         "prune", *DIGITS, "--unit", "head", "--order", "random", "--seeds", "0,1,2,3,4,5,6,7,8,9",
-        "--method", "zero,mean,median,peak,peak:kde:0.2,resample", "--fractions", TEN,
-        "--tolerance", "0.1"], 0),
+        "--method", METHODS, "--fractions", TEN, "--tolerance", "0.1"], 0),
     ("digits-prune-neurons", lambda: [
         "prune", *DIGITS, "--unit", "neuron", "--order", "random", "--seeds",
-        "0,1,2,3,4,5,6,7,8,9", "--method", "zero,mean,median,peak,peak:kde:0.2,resample",
-        "--fractions", TEN, "--tolerance", "0.1"], 0),
+        "0,1,2,3,4,5,6,7,8,9", "--method", METHODS, "--fractions", TEN, "--tolerance", "0.1"], 0),
     ("minilm-sweep", lambda: ["sweep", *MINILM, "--n-blocks", "16", "--seed", "0", "--method",
                               METHODS], 0),
     ("minilm-prune-heads", lambda: [
         "prune", *MINILM, "--n-blocks", "32", "--seed", "2", "--unit", "head", "--order",
-        "random,sweep", "--sweep", "runs/findings/minilm-sweep", "--seeds", "0,1,2,3,4",
+        "random,sweep", "--sweep", "runs/findings/minilm-sweep", "--seeds", "0,1,2,3,4,5,6,7,8,9",
         "--method", METHODS, "--fractions", TEN, "--tolerance", "0.05"], 0),
     ("minilm-prune-neurons", lambda: [
         "prune", *MINILM, "--n-blocks", "32", "--seed", "2", "--unit", "neuron", "--order",

@@ -298,7 +298,7 @@ def _method_section(name: str, unit: str, peaks: tuple[str, ...],
 
 
 def render_prune_neurons() -> Rendered | None:
-    r = _method_section("prune-neurons", "neuron", ("peak", "peak:kde"))
+    r = _method_section("prune-neurons", "neuron", _PEAKS)
     if r is not None:
         r.body = figure("prune-neurons/prune.png", "prune_neurons.png", "prune neurons") + r.body
     return r
@@ -315,7 +315,7 @@ def _model_section(model: str, runs: tuple[tuple[str, str], ...]) -> Rendered | 
     return Rendered(body, [v for _, r in have for v in r.verdicts])
 
 
-_PEAKS = ("peak", "peak:kde", "peak:kde:0.2")
+_PEAKS = ("peak", "peak:hist", "peak:kde", "peak:kde:0.2")
 
 
 def render_minilm() -> Rendered | None:
@@ -396,7 +396,7 @@ def render_prune_heads() -> Rendered | None:
 
 
 def render_prune_head_methods() -> Rendered | None:
-    return _method_section("prune-head-methods", "head", ("peak", "peak:kde"))
+    return _method_section("prune-head-methods", "head", _PEAKS)
 
 
 # --- distribution shift ------------------------------------------------------------------------
