@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import findings_checks as checks
 import findings_sections as sections
+import findings_steer
 import pandas as pd
 from findings_rule import RULE
 
@@ -115,6 +116,9 @@ MODEL_STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
         "random", "--seeds", "0,1,2,3,4", "--method", METHODS, "--fractions", TEN,
         "--tolerance", "0.05"], 0),
 ]
+#: steering: inputs written from templates, contrastive gate fits (CHG selection), 6 steer runs
+STEER_INPUTS = "runs/findings/steer-inputs"
+STEER_STEPS = findings_steer.steps(RUNS, STEER_INPUTS)
 GATE_STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
     ("gate", lambda: [
         "gate", "--task", "induction", "--seq-len", "33", "--n-blocks", "8", "--steps", "100",
@@ -219,6 +223,7 @@ BLOCK_CLAIMS = {
     "compare": ["compare"], "attention": ["attention"], "cascade": ["cascade"], "detect": [],
     "minilm": [f"minilm-{u}-{c}" for u in ("head", "neuron") for c in ("peak", "resample")],
     "digits": [f"digits-{u}-{c}" for u in ("head", "neuron") for c in ("peak", "resample")],
+    "steer": ["steer"],
 }  # fmt: skip
 #: the runs each block needs
 BLOCK_RUNS = {
@@ -229,13 +234,10 @@ BLOCK_RUNS = {
     "detect": ["detect"],
     "minilm": ["minilm-sweep", "minilm-prune-heads", "minilm-prune-neurons"],
     "digits": ["digits-prune-heads", "digits-prune-neurons"],
+    "steer": [n for n, _, _ in STEER_STEPS],
 }  # fmt: skip
 #: claims whose decisive runs are not part of ``make findings`` yet (what would decide them)
 NOT_PLANNED = {
-    "steer": "`headlab steer` on ≥ 100 held-out prompts per concept with ≥ 3 samples each "
-             "(`--prompts FILE` with every prompt three times), for pursuit, sweep and CHG "
-             "selection (`--select heads --heads` from a contrastive `headlab gate` fit of "
-             "concept prompts vs neutral prompts); several hours on this machine",
     "gate": "`headlab gate` with 500 updates, 10 masks and ≥ 64 sequences, validated on held-out "
             "sequences (`make findings FINDINGS_ARGS=--with-gates` runs the small version)",
 }  # fmt: skip
@@ -298,14 +300,14 @@ def update_doc(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
 
 
 def _cost(names: list[str]) -> str:
-    steps = {n: (argv, cost) for n, argv, cost in STEPS + MODEL_STEPS}
+    steps = {n: (argv, cost) for n, argv, cost in STEPS + MODEL_STEPS + STEER_STEPS}
     cmds = []
     for n in names:
         if n in steps and not _complete(n):
             try:
                 cmd = shlex.join(["headlab", *steps[n][0](), "--out", f"runs/findings/{n}"])
-            except FileNotFoundError:  # needs an earlier run (cascade: the detector's heads)
-                cmd = f"headlab {n} … (after detect) --out runs/findings/{n}"
+            except FileNotFoundError:  # needs an earlier run (the detector's or a gate's heads)
+                cmd = f"headlab {n} … (after the run it takes heads from) --out runs/findings/{n}"
             cost = steps[n][1]
             cmds.append(f"`{cmd}`" + (f" (~{cost} forward passes of SmolLM2-135M on 32 × 128 "
                                       "tokens)" if cost else ""))  # fmt: skip
@@ -464,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     if not args.render_only:
-        steps = STEPS + MODEL_STEPS + (GATE_STEPS if args.with_gates else [])
+        findings_steer.write_inputs(ROOT / STEER_INPUTS)
+        steps = STEPS + MODEL_STEPS + STEER_STEPS + (GATE_STEPS if args.with_gates else [])
         failed = run_steps([s for s in steps if only is None or s[0] in only])
         if failed:
             print(f"findings: failed runs: {', '.join(failed)}", file=sys.stderr)

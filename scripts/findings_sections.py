@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import findings_steer
 from findings_rule import Claim, bootstrap_interval, combine, t_interval
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "findings"
@@ -582,6 +583,11 @@ def render_attention() -> Rendered | None:
     return Rendered("\n".join(lines), [Verdict("attention", v, f"ρ {nums}")])
 
 
+def render_steer() -> Rendered | None:
+    r = findings_steer.render(RUNS, command, table)
+    return None if r is None else Rendered(r[0], [Verdict("steer", r[1], r[2])])
+
+
 RENDERERS: dict[str, Callable[[], Rendered | None]] = {
     "sweep": render_sweep,
     "prune-heads": render_prune_heads,
@@ -594,4 +600,5 @@ RENDERERS: dict[str, Callable[[], Rendered | None]] = {
     "cascade": render_cascade,
     "compare": render_compare,
     "attention": render_attention,
+    "steer": render_steer,
 }

@@ -1,0 +1,219 @@
+"""The steering section of ``docs/findings.md``: its inputs, runs and verdict.
+
+The claim (the review's): rescaling a few concept heads controls the concept (α = −1 removes its
+words, α = 5 saturates them), unlike rescaling random heads. Tested per concept (``colours``,
+``numbers``) with three head selections of k = 3 heads — Head Pursuit, the concept-mass sweep, and
+CHG: the most forget-specific heads of a contrastive ``headlab gate`` fit that keeps neutral
+sentences and forgets the same sentences ending in a concept word — on 100 held-out prompts,
+each sampled 3 times (the prompt file lists every prompt three times; samples are paired across
+conditions, which use the same seeds).
+
+The inputs are written by :func:`write_inputs` from templates (frames × objects) so they are
+reproducible and contain none of the concept's words; the selection prompts are the concepts'
+built-in ones, disjoint from these.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from findings_rule import Claim, combine, t_interval
+
+#: (run name, arguments after ``headlab``, rough cost) — filled by :func:`steps`
+Step = tuple[str, Callable[[], list[str]], int]
+
+CONCEPTS = ("colours", "numbers")
+SELECTIONS = ("pursuit", "sweep", "chg")
+SAMPLES = 3  # samples per held-out prompt
+K = 3  # heads per selection
+REMOVE, AMPLIFY = -1.0, 5.0  # the review's alphas
+MAX_COST = 0.5  # nats of corpus CE the steered heads may cost at those alphas
+
+_OBJECTS = {
+    "colours": ("door", "bicycle", "umbrella", "sweater", "kite", "mug", "tent", "notebook",
+                "balloon", "jacket", "sofa", "bus", "backpack", "tablecloth", "parrot", "candle",
+                "roof", "ribbon", "scooter", "teapot"),
+    "numbers": ("chairs", "books", "apples", "windows", "students", "cars", "trees", "cookies",
+                "pencils", "boats", "houses", "birds", "coins", "candles", "tickets", "bottles",
+                "horses", "shirts", "lamps", "stamps"),
+}  # fmt: skip
+_FRAMES = {
+    "colours": ("The {} in the shop window was",
+                "She bought a new {}, and it was",
+                "Everyone noticed that the {} had been painted",
+                "Over the years the old {} had faded to a dull",
+                "He pointed at the {} and said that its colour was"),
+    "numbers": ("When we counted the {}, there were",
+                "The teacher asked how many {} were left, and the answer was",
+                "She opened the box of {} and found",
+                "Last month the store ordered more {}; the order was for",
+                "He lined up the {} in rows of"),
+}  # fmt: skip
+#: the gate's sentences: a frame and a noun, ending in a concept word (forget) or a neutral one
+_GATE_NOUNS = ("car", "house", "shirt", "flower", "wall", "hat", "boat", "chair", "cup", "box",
+               "bag", "dress", "fence", "bird", "lamp", "book", "ball", "shoe", "pen", "towel")  # fmt: skip
+_GATE = {
+    "colours": (("The {} was", "I think the {} is", "They wanted the {} to be"),
+                ("red", "green", "blue", "yellow", "black", "white", "pink", "brown", "grey",
+                 "orange", "purple", "gold"),
+                ("new", "old", "clean", "small", "large", "cheap", "heavy", "empty", "broken",
+                 "quiet", "useful", "soft")),
+    "numbers": (("There were {} on the table:", "She said the {} numbered", "We counted the {}:"),
+                ("two", "three", "four", "five", "six", "seven", "ten", "twelve", "twenty",
+                 "3", "5", "8"),
+                ("some", "many", "few", "several", "plenty", "none", "lots", "enough", "dozens",
+                 "most", "all", "half")),
+}  # fmt: skip
+
+
+def prompts(concept: str) -> list[str]:
+    """The 100 held-out prompts of ``concept`` (20 objects × 5 frames)."""
+    return [f.format(o) for f, o in itertools.product(_FRAMES[concept], _OBJECTS[concept])]
+
+
+def gate_sentences(concept: str, which: str) -> list[str]:
+    """Sentences ending in a concept word (``which="concept"``) or a neutral word (``"neutral"``),
+    the same frames and nouns in the same order."""
+    frames, concept_words, neutral = _GATE[concept]
+    words = concept_words if which == "concept" else neutral
+    nouns = [n + ("es" if n[-1] in "sx" else "s") if concept == "numbers" else n
+             for n in _GATE_NOUNS]
+    return [f"{f.format(n)} {w}." for f, n, w in itertools.product(frames, nouns, words)]
+
+
+def write_inputs(folder: Path) -> None:
+    """``<concept>-prompts.txt`` (each prompt ``SAMPLES`` times), ``<concept>-concept.txt`` and
+    ``<concept>-neutral.txt`` (the gate's forget and retain sentences) under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in CONCEPTS:
+        lines = [p for p in prompts(c) for _ in range(SAMPLES)]
+        _write(folder / f"{c}-prompts.txt", lines)
+        for which in ("concept", "neutral"):
+            _write(folder / f"{c}-{which}.txt", gate_sentences(c, which))
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    text = "\n".join(lines) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def chg_heads(runs: Path, concept: str) -> str:
+    """The ``K`` most forget-specific heads of the concept's contrastive gate fit (``L.H,...``)."""
+    t = pd.read_csv(runs / f"gate-{concept}" / "heads.csv")
+    t = t.sort_values(["forget_score", "layer", "head"], ascending=[False, True, True],
+                      kind="stable")  # fmt: skip
+    return ",".join(f"{int(r.layer)}.{int(r.head)}" for r in t.head(K).itertuples())
+
+
+def steps(runs: Path, inputs: str) -> list[Step]:
+    """The gate fits and steering runs, ``inputs`` the folder of :func:`write_inputs` (relative
+    to the repository root, as the commands are recorded)."""
+    out: list[Step] = []
+    common = ["--k", str(K), "--n-random", "3", "--alphas", f"{REMOVE:g},0,{AMPLIFY:g}",
+              "--max-new-tokens", "16", "--gen-batch-size", "32"]
+    for c in CONCEPTS:
+        out.append((f"gate-{c}", lambda c=c: [
+            "gate", "--data", f"{inputs}/{c}-neutral.txt", "--forget-data",
+            f"{inputs}/{c}-concept.txt", "--seq-len", "16", "--n-blocks", "32",
+            "--n-stats-blocks", "1", "--steps", "100", "--validate", "--k", str(K),
+            "--random", "20"], 10))  # fmt: skip
+        for sel in SELECTIONS:
+            how = (["--select", "heads", "--heads", chg_heads(runs, c)] if sel == "chg"
+                   else ["--select", sel])  # fmt: skip
+            out.append((f"steer-{c}-{sel}", lambda c=c, how=how: [
+                "steer", "--concept", c, "--prompts", f"{inputs}/{c}-prompts.txt", *how,
+                *common], 60))  # fmt: skip
+    return out
+
+
+# --- the section -------------------------------------------------------------------------------
+
+
+def _per_prompt(gens: pd.DataFrame) -> pd.DataFrame:
+    """Concept rate per (condition, prompt): the mean over its samples; ``[prompt, condition]``."""
+    g = gens.assign(cond=gens["selection"] + ":" + gens["seed"].astype(str) + ":"
+                    + gens["alpha"].astype(str))  # fmt: skip
+    return g.pivot_table(index="prompt", columns="cond", values="concept_rate", aggfunc="mean")
+
+
+def _cost_interval(table: pd.DataFrame, alpha: float) -> tuple[float, float, float]:
+    """The corpus ΔCE of the selected heads at ``alpha``: a conservative interval from the two
+    conditions' per-block sd (unpaired, so wider than the paired one)."""
+    from scipy import stats
+
+    ce = table[(table["metric"] == "ce") & (table["target"] != "concept")]
+    sel = ce[(ce["selection"] == "selected") & np.isclose(ce["alpha"], alpha)]
+    clean = ce[ce["selection"] == "clean"]
+    if sel.empty or clean.empty:
+        return math.nan, math.nan, math.nan
+    a, b = sel.iloc[0], clean.iloc[0]
+    half = stats.t.ppf(0.975, int(a["n"]) - 1) * math.sqrt((a["sd"] ** 2 + b["sd"] ** 2) / a["n"])
+    d = float(a["delta"])
+    return d, d - half, d + half
+
+
+def claims(gens: pd.DataFrame, table: pd.DataFrame) -> tuple[list[Claim], str]:
+    """The claims of one steering run and their combined verdict: at α = −1 the selected heads'
+    concept rate is below the random sets' mean, at α = 5 above it (paired over prompts, the mean
+    of their samples), and at both the corpus ΔCE stays below ``MAX_COST``."""
+    wide = _per_prompt(gens)
+    out = []
+    for alpha, side, what in ((REMOVE, "<", "removes"), (AMPLIFY, ">", "amplifies")):
+        sel = [c for c in wide.columns if c.startswith("selected:") and float(c.split(":")[2]) == alpha]
+        rnd = [c for c in wide.columns if c.startswith("random:") and float(c.split(":")[2]) == alpha]
+        if not sel or not rnd:
+            continue
+        diff = wide[sel[0]] - wide[rnd].mean(axis=1)
+        out.append(Claim(f"α = {alpha:g} {what}: rate(selected) − rate(random sets)",
+                         t_interval(diff.to_numpy()), 0, side, digits=3,
+                         replicates=f"t-interval over {len(diff)} prompts × {SAMPLES} samples, "
+                                    "paired"))  # fmt: skip
+        out.append(Claim(f"α = {alpha:g}: corpus ΔCE of the selected heads",
+                         _cost_interval(table, alpha), MAX_COST, "<",
+                         replicates="conservative t-interval over corpus blocks"))  # fmt: skip
+    return out, combine([c.verdict for c in out])
+
+
+def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., str]):
+    """``(body, verdict, numbers)`` of the steering section, or ``None`` while a run is missing."""
+    names = [f"steer-{c}-{s}" for c in CONCEPTS for s in SELECTIONS]
+    if not all((runs / n / "results.parquet").is_file() for n in names):
+        return None
+    rows, per_concept, lines = [], {}, []
+    for c in CONCEPTS:
+        vs = []
+        for s in SELECTIONS:
+            name = f"steer-{c}-{s}"
+            table = pd.read_parquet(runs / name / "results.parquet")
+            gens = pd.read_json(runs / name / "generations.jsonl", lines=True)
+            cs, v = claims(gens, table)
+            vs.append(v)
+            heads = table[table["selection"] == "selected"]["heads"].iloc[0]
+            rate = table[(table["metric"] == "concept_rate")]
+            clean = float(rate[rate["selection"] == "clean"]["value"].iloc[0])
+            for cl in cs:
+                rows.append([c, f"{s} ({heads})", cl.what, cl.interval(), cl.verdict])
+            lines.append(f"- {c}, {s}: {command(name)}; clean concept rate {clean:.3f}")
+        per_concept[c] = ("agrees" if "agrees" in vs else
+                          "disagrees" if all(v == "disagrees" for v in vs) else "inconclusive")  # fmt: skip
+    overall = combine(list(per_concept.values()))
+    gate = "; ".join(command(f"gate-{c}") for c in CONCEPTS)
+    body = "\n".join([
+        "Runs (CHG heads from the contrastive fits " + gate + "):", *lines, "",
+        table_md(["concept", "selection (heads)", "quantity", "estimate [95 % CI]", "verdict"],
+                 rows), "",
+        "A selection controls its concept when all four of its claims agree; a concept agrees "
+        "when some selection does and disagrees when every selection disagrees. "
+        + ", ".join(f"{c}: **{v}**" for c, v in per_concept.items())
+        + f'. "Rescaling a few concept heads controls the concept, unlike random heads": '
+        f"**{overall}**.",
+    ])  # fmt: skip
+    numbers = ", ".join(f"{c} {v}" for c, v in per_concept.items())
+    return body, overall, f"{numbers}; {len(CONCEPTS)} concepts × {len(SELECTIONS)} selections, " \
+        f"100 prompts × {SAMPLES} samples"
