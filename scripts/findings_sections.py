@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import findings_steer
 import numpy as np
 import pandas as pd
-import findings_steer
 from findings_rule import Claim, bootstrap_interval, combine, t_interval
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "findings"

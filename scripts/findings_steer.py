@@ -55,19 +55,60 @@ _FRAMES = {
                 "He lined up the {} in rows of"),
 }  # fmt: skip
 #: the gate's sentences: a frame and a noun, ending in a concept word (forget) or a neutral one
+# fmt: off
 _GATE_NOUNS = ("car", "house", "shirt", "flower", "wall", "hat", "boat", "chair", "cup", "box",
-               "bag", "dress", "fence", "bird", "lamp", "book", "ball", "shoe", "pen", "towel")  # fmt: skip
+               "bag", "dress", "fence", "bird", "lamp", "book", "ball", "shoe", "pen", "towel")
+# fmt: on
 _GATE = {
-    "colours": (("The {} was", "I think the {} is", "They wanted the {} to be"),
-                ("red", "green", "blue", "yellow", "black", "white", "pink", "brown", "grey",
-                 "orange", "purple", "gold"),
-                ("new", "old", "clean", "small", "large", "cheap", "heavy", "empty", "broken",
-                 "quiet", "useful", "soft")),
-    "numbers": (("There were {} on the table:", "She said the {} numbered", "We counted the {}:"),
-                ("two", "three", "four", "five", "six", "seven", "ten", "twelve", "twenty",
-                 "3", "5", "8"),
-                ("some", "many", "few", "several", "plenty", "none", "lots", "enough", "dozens",
-                 "most", "all", "half")),
+    "colours": (
+        ("The {} was", "I think the {} is", "They wanted the {} to be"),
+        (
+            "red",
+            "green",
+            "blue",
+            "yellow",
+            "black",
+            "white",
+            "pink",
+            "brown",
+            "grey",
+            "orange",
+            "purple",
+            "gold",
+        ),
+        (
+            "new",
+            "old",
+            "clean",
+            "small",
+            "large",
+            "cheap",
+            "heavy",
+            "empty",
+            "broken",
+            "quiet",
+            "useful",
+            "soft",
+        ),
+    ),
+    "numbers": (
+        ("There were {} on the table:", "She said the {} numbered", "We counted the {}:"),
+        ("two", "three", "four", "five", "six", "seven", "ten", "twelve", "twenty", "3", "5", "8"),
+        (
+            "some",
+            "many",
+            "few",
+            "several",
+            "plenty",
+            "none",
+            "lots",
+            "enough",
+            "dozens",
+            "most",
+            "all",
+            "half",
+        ),
+    ),
 }  # fmt: skip
 
 
@@ -82,7 +123,7 @@ def gate_sentences(concept: str, which: str) -> list[str]:
     frames, concept_words, neutral = _GATE[concept]
     words = concept_words if which == "concept" else neutral
     nouns = [n + ("es" if n[-1] in "sx" else "s") if concept == "numbers" else n
-             for n in _GATE_NOUNS]
+             for n in _GATE_NOUNS]  # fmt: skip
     return [f"{f.format(n)} {w}." for f, n, w in itertools.product(frames, nouns, words)]
 
 
@@ -116,7 +157,7 @@ def steps(runs: Path, inputs: str) -> list[Step]:
     to the repository root, as the commands are recorded)."""
     out: list[Step] = []
     common = ["--k", str(K), "--n-random", "3", "--alphas", f"{REMOVE:g},0,{AMPLIFY:g}",
-              "--max-new-tokens", "16", "--gen-batch-size", "32"]
+              "--max-new-tokens", "16", "--gen-batch-size", "32"]  # fmt: skip
     for c in CONCEPTS:
         out.append((f"gate-{c}", lambda c=c: [
             "gate", "--data", f"{inputs}/{c}-neutral.txt", "--forget-data",
@@ -165,8 +206,9 @@ def claims(gens: pd.DataFrame, table: pd.DataFrame) -> tuple[list[Claim], str]:
     wide = _per_prompt(gens)
     out = []
     for alpha, side, what in ((REMOVE, "<", "removes"), (AMPLIFY, ">", "amplifies")):
-        sel = [c for c in wide.columns if c.startswith("selected:") and float(c.split(":")[2]) == alpha]
-        rnd = [c for c in wide.columns if c.startswith("random:") and float(c.split(":")[2]) == alpha]
+        at = [c for c in wide.columns if float(c.split(":")[2]) == alpha]
+        sel = [c for c in at if c.startswith("selected:")]
+        rnd = [c for c in at if c.startswith("random:")]
         if not sel or not rnd:
             continue
         diff = wide[sel[0]] - wide[rnd].mean(axis=1)
@@ -200,8 +242,11 @@ def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., st
             for cl in cs:
                 rows.append([c, f"{s} ({heads})", cl.what, cl.interval(), cl.verdict])
             lines.append(f"- {c}, {s}: {command(name)}; clean concept rate {clean:.3f}")
-        per_concept[c] = ("agrees" if "agrees" in vs else
-                          "disagrees" if all(v == "disagrees" for v in vs) else "inconclusive")  # fmt: skip
+        per_concept[c] = (
+            "agrees" if "agrees" in vs
+            else "disagrees" if all(v == "disagrees" for v in vs)
+            else "inconclusive"
+        )  # fmt: skip
     overall = combine(list(per_concept.values()))
     gate = "; ".join(command(f"gate-{c}") for c in CONCEPTS)
     body = "\n".join([
@@ -215,5 +260,9 @@ def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., st
         f"**{overall}**.",
     ])  # fmt: skip
     numbers = ", ".join(f"{c} {v}" for c, v in per_concept.items())
-    return body, overall, f"{numbers}; {len(CONCEPTS)} concepts × {len(SELECTIONS)} selections, " \
-        f"100 prompts × {SAMPLES} samples"
+    return (
+        body,
+        overall,
+        f"{numbers}; {len(CONCEPTS)} concepts × {len(SELECTIONS)} selections, "
+        f"100 prompts × {SAMPLES} samples",
+    )
