@@ -88,7 +88,8 @@ STEPS: list[tuple[str, Callable[[], list[str]], int]] = [
     ("detect", lambda: ["detect", "--task", "induction", "--n-blocks", "32"], 2),
     ("attention", lambda: ["attention", "--task", "names", *TASK, "--prompt", PROMPT,
                            "--heads", "24.4,23.3"], 35),
-    ("attention-induction", lambda: ["attention", "--task", "induction", *TASK], 140),
+    ("attention-induction", lambda: ["attention", "--task", "induction", *TASK, "--seq-len", "33"],
+     70),
     ("cascade", lambda: ["cascade", "--task", "induction", *TASK, "--heads", _pool(),
                          "--steps", "5", "--share", "0.15"], 80),
 ]
