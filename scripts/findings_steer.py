@@ -178,8 +178,9 @@ def steps(runs: Path, inputs: str) -> list[Step]:
 
 def _per_prompt(gens: pd.DataFrame) -> pd.DataFrame:
     """Concept rate per (condition, prompt): the mean over its samples; ``[prompt, condition]``."""
-    g = gens.assign(cond=gens["selection"] + ":" + gens["seed"].astype(str) + ":"
-                    + gens["alpha"].astype(str))  # fmt: skip
+    rows = zip(gens["selection"], gens["seed"], gens["alpha"], strict=True)
+    cond = [f"{sel}:{'' if pd.isna(seed) else int(seed)}:{float(a):g}" for sel, seed, a in rows]
+    g = gens.assign(cond=cond)
     return g.pivot_table(index="prompt", columns="cond", values="concept_rate", aggfunc="mean")
 
 
