@@ -59,7 +59,7 @@ def test_peak_of_skewed_and_bimodal_samples_within_one_bin(estimator):
     n = 1_000_000
     samples = torch.stack([_bimodal(n, gen), _lognormal(n, gen)], dim=1)
     true_modes = torch.tensor([-2.0, float(np.exp(-0.25))])
-    cfg = hl.StatsConfig(bins=100, warmup_tokens=20_000, reservoir=0)
+    cfg = hl.StatsConfig(bins=100, warmup_tokens=50_000, reservoir=0)  # one chunk fixes the range
     stats = feed(samples, cfg)
     peak = stats.peak(estimator, bandwidth=0.05)[0, 0]
     width = stats.bin_width()[0, 0]
@@ -152,3 +152,17 @@ def test_fixed_and_minmax_ranges():
     assert torch.all(s2.tensors["under"] == 0) and torch.all(s2.tensors["over"] == 0)
     with pytest.raises(hl.ConfigError, match="fixed_range"):
         hl.StatsConfig(range="fixed")
+
+
+def test_statistics_do_not_depend_on_where_batches_end():
+    """The histogram range comes from exactly the first warmup_tokens tokens, so feeding the same
+    tokens in chunks of 1,000 or 3,000 (the range fixed after 5,000 or 6,000) gives one result."""
+    gen = torch.Generator().manual_seed(5)
+    samples = torch.randn(20_000, 3, generator=gen) ** 3  # heavy tails: the range is sensitive
+    config = hl.StatsConfig(bins=200, warmup_tokens=4096, reservoir=0)
+    a, b = feed(samples, config, chunk=1000), feed(samples, config, chunk=3000)
+    for key in ("hist", "under", "over"):
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+    first = feed(samples[:4096], config, chunk=4096)  # the range of the first 4,096 alone
+    for key in ("lo", "hi"):
+        assert torch.equal(a.tensors[key], first.tensors[key]), key

@@ -419,8 +419,8 @@ def require_counterfactual(counterfactual: object | None, methods: Iterable[Any]
     if counterfactual is None and needs_counterfactual(methods):
         raise ConfigError(
             "method 'patch' patches in activations recorded on counterfactual inputs: give "
-            "--counterfactual FILE.jsonl of clean/corrupted pairs (one {\"clean\": ..., "
-            "\"corrupted\": ..., \"answer\": ...} per line), or use --task names or capitals "
+            '--counterfactual FILE.jsonl of clean/corrupted pairs (one {"clean": ..., '
+            '"corrupted": ..., "answer": ...} per line), or use --task names or capitals '
             "(built-in minimal pairs)"
         )
 

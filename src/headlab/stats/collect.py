@@ -123,11 +123,14 @@ class StatsCollector:
     def _flush_warmup(self, layer: int) -> None:
         buf = torch.cat(self._warm[layer])  # [tokens, N]
         cfg = self.config
+        # the range comes from exactly the first warmup_tokens tokens, wherever the batches end,
+        # so the statistics do not depend on the batch size
+        head = buf[: cfg.warmup_tokens]
         if cfg.range == "fixed":
             lo = torch.full((buf.shape[1],), float(cfg.fixed_range[0]))
             hi = torch.full((buf.shape[1],), float(cfg.fixed_range[1]))
         else:
-            srt = buf.sort(dim=0).values
+            srt = head.sort(dim=0).values
             q = cfg.quantile if cfg.range == "quantile" else 0.0
             n = srt.shape[0]
             lo = srt[math.floor(q * (n - 1))]
