@@ -99,7 +99,9 @@ def make_blocks(
         raise ConfigError(
             f"the corpus has {len(stream)} tokens: {available} blocks of seq_len {seq_len}, but "
             f"{needed} were requested ({n_blocks} eval + {n_stats_blocks} stats = "
-            f"{needed * body} tokens); ask for fewer blocks, a shorter seq_len, or a larger corpus"
+            f"{needed * body} tokens); ask for fewer blocks (--n-blocks, --n-stats-blocks: only "
+            "mean/median/peak/resample read the statistics, so zero ablation can use "
+            "--n-stats-blocks 1), a shorter seq_len, or a larger corpus"
         )
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(available, generator=generator)[:needed]  # [block]
