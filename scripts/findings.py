@@ -51,8 +51,9 @@ EVAL = ["--data", "python-docs", "--seq-len", "128", "--n-blocks", "32", "--seed
 METHODS = "zero,mean,median,peak:hist,peak:kde,resample"  # peak:kde is plain `peak`
 TASK = ["--n-blocks", "32", "--n-stats-blocks", "32"]
 PROMPT = "When Mary and John went to the store, John gave a drink to"
-MACHINE = ("one shared 2-core x86-64 CPU (24 GiB; PyTorch CPU build, fp32, 2 threads), with five "
-           "other jobs running beside these runs most of the time")  # fmt: skip
+MACHINE = ("one 2-core x86-64 CPU (24 GiB; PyTorch CPU build, fp32, 2 threads); the runs went one "
+           "at a time, except that detect, the digits runs and the first parts of the minilm runs "
+           "shared the machine with up to five other jobs")  # fmt: skip
 
 
 def _pool() -> str:
@@ -360,7 +361,8 @@ def machine() -> str:
     total = sum(times.values())
     per = ", ".join(f"{n} {v / 60:.0f} min" for n, v in sorted(times.items(), key=lambda x: -x[1]))
     return (f"Machine: {MACHINE}. Total wall time of the runs below: **{total / 3600:.1f} h** "
-            f"({per or 'none yet'}); wall times are inflated several-fold by the other jobs.\n\n"
+            f"({per or 'none yet'}); the times of runs that shared the machine are inflated "
+            "several-fold.\n\n"
             + RULE)  # fmt: skip
 
 
