@@ -152,6 +152,14 @@ def chg_heads(runs: Path, concept: str) -> str:
     return ",".join(f"{int(r.layer)}.{int(r.head)}" for r in t.head(K).itertuples())
 
 
+def _selection(runs: Path, concept: str, sel: str) -> list[str]:
+    """The head-selection arguments (CHG: the heads of the finished gate fit, read when the step
+    runs)."""
+    if sel == "chg":
+        return ["--select", "heads", "--heads", chg_heads(runs, concept)]
+    return ["--select", sel]
+
+
 def steps(runs: Path, inputs: str) -> list[Step]:
     """The gate fits and steering runs, ``inputs`` the folder of :func:`write_inputs` (relative
     to the repository root, as the commands are recorded)."""
@@ -165,11 +173,9 @@ def steps(runs: Path, inputs: str) -> list[Step]:
             "--n-stats-blocks", "1", "--steps", "100", "--validate", "--k", str(K),
             "--random", "20"], 10))  # fmt: skip
         for sel in SELECTIONS:
-            how = (["--select", "heads", "--heads", chg_heads(runs, c)] if sel == "chg"
-                   else ["--select", sel])  # fmt: skip
-            out.append((f"steer-{c}-{sel}", lambda c=c, how=how: [
-                "steer", "--concept", c, "--prompts", f"{inputs}/{c}-prompts.txt", *how,
-                *common], 60))  # fmt: skip
+            out.append((f"steer-{c}-{sel}", lambda c=c, sel=sel: [
+                "steer", "--concept", c, "--prompts", f"{inputs}/{c}-prompts.txt",
+                *_selection(runs, c, sel), *common], 60))  # fmt: skip
     return out
 
 
