@@ -165,7 +165,7 @@ def steps(runs: Path, inputs: str) -> list[Step]:
     to the repository root, as the commands are recorded)."""
     out: list[Step] = []
     common = ["--k", str(K), "--n-random", "3", "--alphas", f"{REMOVE:g},0,{AMPLIFY:g}",
-              "--max-new-tokens", "16", "--gen-batch-size", "32"]  # fmt: skip
+              "--max-new-tokens", "16", "--gen-batch-size", "32", "--n-blocks", "32"]  # fmt: skip
     for c in CONCEPTS:
         out.append((f"gate-{c}", lambda c=c: [
             "gate", "--data", f"{inputs}/{c}-neutral.txt", "--forget-data",

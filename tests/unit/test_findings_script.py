@@ -283,3 +283,58 @@ def test_shift_compare_and_attention_claims(tmp_path, monkeypatch):
             tmp_path / name / "summary.csv", index=False)  # fmt: skip
     att = sec.render_attention()
     assert att.verdicts[0].verdict == "agrees" and "bootstrap over 32 examples" in att.body
+
+
+def test_steering_inputs_are_held_out_and_the_gate_sets_differ_only_in_the_last_word():
+    steer = _module("findings_steer")
+    from headlab.analyses.steer.concepts import CONCEPTS, concept_rate
+
+    for c in steer.CONCEPTS:
+        prompts = steer.prompts(c)
+        assert len(prompts) == len(set(prompts)) == 100
+        assert concept_rate(prompts, CONCEPTS[c].words)[0] == 0.0  # no concept word in a prompt
+        assert not set(prompts) & set(CONCEPTS[c].select_prompts)
+        forget, keep = steer.gate_sentences(c, "concept"), steer.gate_sentences(c, "neutral")
+        assert len(forget) == len(keep) == 720
+        assert concept_rate(keep, CONCEPTS[c].words)[0] == 0.0
+        assert concept_rate(forget, CONCEPTS[c].words)[0] > 0.1
+        assert all(
+            a.rsplit(" ", 1)[0] == b.rsplit(" ", 1)[0] for a, b in zip(forget, keep, strict=True)
+        )
+
+
+def _steer_tables(shift_remove: float, shift_amplify: float, cost: float, n: int = 40):
+    """A steering run's generations and table: per-sample rates of the random sets ~ 0.1, the
+    selected heads' shifted by the given amounts at alpha -1 and 5."""
+    gen = np.random.default_rng(0)
+    rows = []
+    for p in range(n):
+        for _ in range(3):
+            for sel, seed in (("clean", None), ("selected", None), ("random", 0), ("random", 1)):
+                for alpha in (1.0,) if sel == "clean" else (-1.0, 5.0):
+                    shift = {-1.0: shift_remove, 5.0: shift_amplify}.get(alpha, 0.0)
+                    rate = 0.1 + 0.02 * gen.standard_normal() + (shift if sel == "selected" else 0)
+                    rows.append((sel, seed, alpha, f"prompt {p}", rate))
+    gens = pd.DataFrame(rows, columns=["selection", "seed", "alpha", "prompt", "concept_rate"])
+    table = pd.DataFrame(
+        [("clean", 1.0, 0.0, 0.4), ("selected", -1.0, cost, 0.4), ("selected", 5.0, cost, 0.4)],
+        columns=["selection", "alpha", "delta", "sd"],
+    ).assign(target="python-docs", metric="ce", n=32)
+    return gens, table
+
+
+@pytest.mark.parametrize(
+    ("remove", "amplify", "cost", "expected"),
+    [(-0.05, 0.05, 0.05, "agrees"), (0.05, -0.05, 0.05, "disagrees"),
+     (0.0, 0.0, 0.05, "inconclusive"), (-0.05, 0.05, 3.0, "disagrees")],
+)  # fmt: skip
+def test_steering_claims_pair_samples_across_conditions_and_require_a_small_cost(
+    remove, amplify, cost, expected
+):
+    steer = _module("findings_steer")
+    gens, table = _steer_tables(remove, amplify, cost)
+    claims, verdict = steer.claims(gens, table)
+    assert [c.side for c in claims] == ["<", "<", ">", "<"]
+    assert verdict == expected
+    assert claims[0].point == pytest.approx(remove, abs=0.01)
+    assert claims[0].replicates.startswith("t-interval over 40 prompts")
