@@ -229,16 +229,41 @@ def claims(gens: pd.DataFrame, table: pd.DataFrame) -> tuple[list[Claim], str]:
     return out, combine([c.verdict for c in out])
 
 
+def _done(runs: Path, name: str) -> bool:
+    return (runs / name / "results.parquet").is_file()
+
+
+def _gate_line(runs: Path, concept: str, command: Callable[[str], str]) -> str:
+    """The concept's gate fit: its command and the validation of its 3 most forget-specific heads
+    (zero-ablation effect on the forget and retain sets against random heads)."""
+    name = f"gate-{concept}"
+    if not (runs / name / "heads.csv").is_file():
+        return f"- {concept}, CHG fit: not run"
+    line = f"- {concept}, CHG fit: {command(name)}; heads {chg_heads(runs, concept)}"
+    path = runs / name / "validation.csv"
+    if path.is_file():
+        v = pd.read_csv(path).groupby("group", sort=False)["effect"].agg(["mean", "std", "count"])
+        parts = [f"{g} {r['mean']:+.3f}" + (f" ± {r['std']:.3f} ({int(r['count'])} draws)"
+                                            if r["count"] > 1 else "")
+                 for g, r in v.iterrows()]  # fmt: skip
+        line += " (zero-ablation ΔCE: " + ", ".join(parts) + ")"
+    return line
+
+
 def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., str]):
-    """``(body, verdict, numbers)`` of the steering section, or ``None`` while a run is missing."""
-    names = [f"steer-{c}-{s}" for c in CONCEPTS for s in SELECTIONS]
-    if not all((runs / n / "results.parquet").is_file() for n in names):
+    """``(body, verdict, numbers)`` of the steering section (concepts whose runs are missing are
+    named as not run), or ``None`` while no steering run has finished."""
+    if not any(_done(runs, f"steer-{c}-{s}") for c in CONCEPTS for s in SELECTIONS):
         return None
     rows, per_concept, lines = [], {}, []
     for c in CONCEPTS:
+        lines.append(_gate_line(runs, c, command))
         vs = []
         for s in SELECTIONS:
             name = f"steer-{c}-{s}"
+            if not _done(runs, name):
+                lines.append(f"- {c}, {s}: not run (no CPU time left in this regeneration)")
+                continue
             table = pd.read_parquet(runs / name / "results.parquet")
             gens = pd.read_json(runs / name / "generations.jsonl", lines=True)
             cs, v = claims(gens, table)
@@ -249,27 +274,24 @@ def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., st
             for cl in cs:
                 rows.append([c, f"{s} ({heads})", cl.what, cl.interval(), cl.verdict])
             lines.append(f"- {c}, {s}: {command(name)}; clean concept rate {clean:.3f}")
+        complete = len(vs) == len(SELECTIONS)
         per_concept[c] = (
             "agrees" if "agrees" in vs
-            else "disagrees" if all(v == "disagrees" for v in vs)
+            else "disagrees" if complete and all(v == "disagrees" for v in vs)
             else "inconclusive"
         )  # fmt: skip
     overall = combine(list(per_concept.values()))
-    gate = "; ".join(command(f"gate-{c}") for c in CONCEPTS)
     body = "\n".join([
-        "Runs (CHG heads from the contrastive fits " + gate + "):", *lines, "",
+        *lines, "",
         table_md(["concept", "selection (heads)", "quantity", "estimate [95 % CI]", "verdict"],
                  rows), "",
-        "A selection controls its concept when all four of its claims agree; a concept agrees "
-        "when some selection does and disagrees when every selection disagrees. "
+        "Intervals of the rate differences: t-interval over prompts (each the mean of its "
+        f"{SAMPLES} samples), paired across conditions. A selection controls its concept when all "
+        "four of its claims agree; a concept agrees when some selection does and disagrees when "
+        "every selection disagrees (a concept with a selection not run cannot disagree). "
         + ", ".join(f"{c}: **{v}**" for c, v in per_concept.items())
         + f'. "Rescaling a few concept heads controls the concept, unlike random heads": '
         f"**{overall}**.",
     ])  # fmt: skip
     numbers = ", ".join(f"{c} {v}" for c, v in per_concept.items())
-    return (
-        body,
-        overall,
-        f"{numbers}; {len(CONCEPTS)} concepts × {len(SELECTIONS)} selections, "
-        f"100 prompts × {SAMPLES} samples",
-    )
+    return body, overall, f"{numbers}; k = {K} heads, 100 prompts × {SAMPLES} samples"
