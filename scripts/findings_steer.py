@@ -152,6 +152,11 @@ def chg_heads(runs: Path, concept: str) -> str:
     return ",".join(f"{int(r.layer)}.{int(r.head)}" for r in t.head(K).itertuples())
 
 
+#: gate masks fitted in parallel: the official trainer fits one; colours ran with the CLI's default
+#: of two before the CPU time of this regeneration ran short
+_MASKS = {"colours": "2", "numbers": "1"}
+
+
 def _selection(runs: Path, concept: str, sel: str) -> list[str]:
     """The head-selection arguments (CHG: the heads of the finished gate fit, read when the step
     runs)."""
@@ -170,8 +175,8 @@ def steps(runs: Path, inputs: str) -> list[Step]:
         out.append((f"gate-{c}", lambda c=c: [
             "gate", "--data", f"{inputs}/{c}-neutral.txt", "--forget-data",
             f"{inputs}/{c}-concept.txt", "--seq-len", "16", "--n-blocks", "32",
-            "--n-stats-blocks", "1", "--steps", "100", "--validate", "--k", str(K),
-            "--random", "20"], 10))  # fmt: skip
+            "--n-stats-blocks", "1", "--steps", "100", "--masks", _MASKS[c], "--validate",
+            "--k", str(K), "--random", "20"], 10))  # fmt: skip
         for sel in SELECTIONS:
             out.append((f"steer-{c}-{sel}", lambda c=c, sel=sel: [
                 "steer", "--concept", c, "--prompts", f"{inputs}/{c}-prompts.txt",
