@@ -169,7 +169,7 @@ def steps(runs: Path, inputs: str) -> list[Step]:
     """The gate fits and steering runs, ``inputs`` the folder of :func:`write_inputs` (relative
     to the repository root, as the commands are recorded)."""
     out: list[Step] = []
-    common = ["--k", str(K), "--n-random", "3", "--alphas", f"{REMOVE:g},0,{AMPLIFY:g}",
+    common = ["--k", str(K), "--n-random", "3", f"--alphas={REMOVE:g},0,{AMPLIFY:g}",
               "--max-new-tokens", "16", "--gen-batch-size", "32", "--n-blocks", "32"]  # fmt: skip
     for c in CONCEPTS:
         out.append((f"gate-{c}", lambda c=c: [

@@ -95,7 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float_list,
         default="-1,0,0.5,2,5",
         metavar="A,B,...",
-        help="scales of the heads' outputs (1 = clean)",
+        help="scales of the heads' outputs (1 = clean); a list that starts with a negative "
+        "number needs '=': --alphas=-1,0,5",
     )
     g.add_argument(
         "--n-random",
