@@ -245,6 +245,12 @@ def _gate_line(runs: Path, concept: str, command: Callable[[str], str]) -> str:
     if not (runs / name / "heads.csv").is_file():
         return f"- {concept}, CHG fit: not run"
     line = f"- {concept}, CHG fit: {command(name)}; heads {chg_heads(runs, concept)}"
+    fit = pd.read_csv(runs / name / "summary.csv")
+    clean, fitted = fit[fit["gates"] == "clean"].iloc[0], fit[fit["gates"] != "clean"]
+    line += (f"; retain NLL {clean['nll']:.2f} → {fitted['nll'].mean():.2f} and forget NLL "
+             f"{clean['forget_nll']:.2f} → {fitted['forget_nll'].mean():.2f} under the fitted "
+             f"gates, {int((pd.read_csv(runs / name / 'heads.csv')['role'] != 'kept').sum())} "
+             "heads forget-specific")  # fmt: skip
     path = runs / name / "validation.csv"
     if path.is_file():
         v = pd.read_csv(path).groupby("group", sort=False)["effect"].agg(["mean", "std", "count"])
