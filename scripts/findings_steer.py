@@ -59,57 +59,20 @@ _FRAMES = {
 _GATE_NOUNS = ("car", "house", "shirt", "flower", "wall", "hat", "boat", "chair", "cup", "box",
                "bag", "dress", "fence", "bird", "lamp", "book", "ball", "shoe", "pen", "towel")
 # fmt: on
-_GATE = {
-    "colours": (
-        ("The {} was", "I think the {} is", "They wanted the {} to be"),
-        (
-            "red",
-            "green",
-            "blue",
-            "yellow",
-            "black",
-            "white",
-            "pink",
-            "brown",
-            "grey",
-            "orange",
-            "purple",
-            "gold",
-        ),
-        (
-            "new",
-            "old",
-            "clean",
-            "small",
-            "large",
-            "cheap",
-            "heavy",
-            "empty",
-            "broken",
-            "quiet",
-            "useful",
-            "soft",
-        ),
-    ),
-    "numbers": (
-        ("There were {} on the table:", "She said the {} numbered", "We counted the {}:"),
-        ("two", "three", "four", "five", "six", "seven", "ten", "twelve", "twenty", "3", "5", "8"),
-        (
-            "some",
-            "many",
-            "few",
-            "several",
-            "plenty",
-            "none",
-            "lots",
-            "enough",
-            "dozens",
-            "most",
-            "all",
-            "half",
-        ),
-    ),
-}  # fmt: skip
+# fmt: off
+_GATE = {  # frames, concept words, neutral words
+    "colours": (("The {} was", "I think the {} is", "They wanted the {} to be"),
+                ("red", "green", "blue", "yellow", "black", "white", "pink", "brown", "grey",
+                 "orange", "purple", "gold"),
+                ("new", "old", "clean", "small", "large", "cheap", "heavy", "empty", "broken",
+                 "quiet", "useful", "soft")),
+    "numbers": (("There were {} on the table:", "She said the {} numbered", "We counted the {}:"),
+                ("two", "three", "four", "five", "six", "seven", "ten", "twelve", "twenty",
+                 "3", "5", "8"),
+                ("some", "many", "few", "several", "plenty", "none", "lots", "enough", "dozens",
+                 "most", "all", "half")),
+}
+# fmt: on
 
 
 def prompts(concept: str) -> list[str]:
