@@ -359,7 +359,8 @@ def summary(verdicts: dict[str, sections.Verdict]) -> str:
 def machine() -> str:
     times = json.loads(TIMES.read_text()) if TIMES.is_file() else {}
     total = sum(times.values())
-    per = ", ".join(f"{n} {v / 60:.0f} min" for n, v in sorted(times.items(), key=lambda x: -x[1]))
+    worked = sorted(((n, v) for n, v in times.items() if v >= 30), key=lambda x: -x[1])
+    per = ", ".join(f"{n} {v / 60:.0f} min" for n, v in worked)
     return (f"Machine: {MACHINE}. Total wall time of the runs below: **{total / 3600:.1f} h** "
             f"({per or 'none yet'}); the times of runs that shared the machine are inflated "
             "several-fold.\n\n"
