@@ -149,3 +149,67 @@ def check_shift(run: str = "shift", groups: int = 4) -> Path | None:
             raise SystemExit(f"findings: shift check {m}: group KL {mean} vs the run's {ref}")
     got.to_parquet(_out(out.name))
     return out
+
+
+def check_cascade(run: str = "cascade", held_out_seed: int = 1) -> Path | None:
+    """Per example, each backup the cascade flagged: its effect before and after its trigger is
+    removed, and the trigger's own effect, on the run's examples (checked against the run's
+    means) and on as many held-out examples of the same task (``held_out_seed``: the flags were
+    chosen on the run's examples, so only the held-out ones test them)."""
+    out = RUNS / "checks" / f"{run}-backups.parquet"
+    backups = RUNS / run / "backups.csv"
+    if out.is_file() or not complete(run) or not backups.is_file():
+        return out if out.is_file() else None
+    import torch
+
+    from headlab.analyses.cascade import removed_heads
+    from headlab.data.blocks import batch_fingerprint
+    from headlab.data.tasks import load_task
+    from headlab.engine import run_plans
+    from headlab.interventions import Plan, intervention_from_name
+    from headlab.metrics import get_metric
+    from headlab.models.layout import describe
+    from headlab.models.load import load_model
+
+    ident = _identity(run)
+    model, tok = load_model(ident["model"])
+    layout = describe(model)
+    own = load_task(ident["task"], tok, n=ident["n_blocks"], seed=ident["seed"],
+                    seq_len=ident["seq_len"]).eval  # fmt: skip
+    if batch_fingerprint(own) != ident["eval_fingerprint"]:
+        raise SystemExit(f"findings: cannot rebuild the examples of {run}")
+    new = load_task(ident["task"], tok, n=ident["n_blocks"], seed=held_out_seed,
+                    seq_len=ident["seq_len"]).eval  # fmt: skip
+    if {tuple(x) for x in own.input_ids.tolist()} & {tuple(x) for x in new.input_ids.tolist()}:
+        raise SystemExit(f"findings: the held-out examples of {run} repeat some of its own")
+    removed = removed_heads(pd.read_parquet(RUNS / run / "results.parquet"))
+    m, iv = get_metric(ident["metric"]), intervention_from_name(ident["method"])
+    sign = -1.0 if m.higher_is_better else 1.0
+    rows = []
+    for b in pd.read_csv(backups).itertuples():
+        before = removed[: b.step - 1]  # removed before the round that removed the trigger
+        after = removed[: b.step]
+        if after[-1] != (b.trigger_layer, b.trigger_head):
+            raise SystemExit("findings: the cascade's backups do not match its removal order")
+        h = (int(b.layer), int(b.head))
+        plans = [Plan.heads(s, iv) if s else Plan() for s in (before, [*before, h], after,
+                                                              [*after, h])]  # fmt: skip
+        for examples, batch in (("run", own), ("held-out", new)):
+            with torch.no_grad():
+                sc = run_plans(model, batch, plans, [m], layout=layout)
+            base, with_h, trig, both = (sign * s[m.name].per_example.double().numpy() for s in sc)
+            weight = sc[0][m.name].weight.double().numpy()
+            for i, ref in ((1, b.effect_before), (3, b.effect_after)) if examples == "run" else ():
+                mean = sign * (sc[i][m.name].mean - sc[i - 1][m.name].mean)
+                if abs(mean - ref) > 1e-4 * max(1.0, abs(ref)):
+                    raise SystemExit(f"findings: cascade check L{b.layer}.H{b.head}: effect "
+                                     f"{mean} vs the run's {ref}")  # fmt: skip
+            rows += [{"step": b.step, "layer": b.layer, "head": b.head,
+                      "trigger_layer": b.trigger_layer, "trigger_head": b.trigger_head,
+                      "examples": examples, "example": i, "effect_before": eb, "effect_after": ea,
+                      "trigger_effect": te, "weight": w}
+                     for i, (eb, ea, te, w) in enumerate(zip(with_h - base, both - trig,
+                                                             trig - base, weight, strict=True))
+                     ]  # fmt: skip
+    pd.DataFrame(rows).to_parquet(_out(out.name))
+    return out

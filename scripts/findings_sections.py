@@ -484,10 +484,49 @@ def render_cascade() -> Rendered | None:
         lines += ["", "Off-target cost (Δ of each target's metric):", "",
                   table(["target", "clean", *off["selected_on"].unique()], rows)]  # fmt: skip
     n = 0 if b is None else len(b)
-    v = "inconclusive"  # one greedy path and means only: no interval (see the prose)
-    lines += ["", f"{n} backups flagged; the run stores one value per head and round, so by the "
-              f'rule "backup heads appear only after removal" is **{v}** here.']  # fmt: skip
-    return Rendered("\n".join(lines), [Verdict("cascade", v, f"{n} backups flagged")])
+    claims = _backup_claims()
+    if not claims:  # one greedy path and means only: no interval
+        v = "inconclusive"
+        lines += ["", f"{n} backups flagged; without the per-example check there is no interval, "
+                  f'so "backup heads appear only after removal" is **{v}** here.']  # fmt: skip
+        return Rendered("\n".join(lines), [Verdict("cascade", v, f"{n} backups flagged")])
+    verdicts = [c.verdict for c in claims]
+    v = ("agrees" if "agrees" in verdicts else  # some backup is real on held-out examples
+         "disagrees" if all(x == "disagrees" for x in verdicts) else "inconclusive")  # fmt: skip
+    share = _cascade_share()
+    lines += ["", f"Each flagged backup re-measured per example (`scripts/findings_checks.py`, "
+              "checked against the run's means) on as many held-out examples of the task — the "
+              "flags were chosen on the run's own examples, so only held-out ones test them. The "
+              f"claim holds for a backup when its rise exceeds {share:g} × its trigger's effect "
+              "(the run's `--share`):", "", claims_table(claims), "",
+              "The claim agrees when some flagged backup holds on held-out examples and disagrees "
+              f'when none does: "backup heads appear only after removal" **{v}**.']  # fmt: skip
+    best = max(claims, key=lambda c: c.point)
+    return Rendered("\n".join(lines), [Verdict("cascade", v, f"{n} backups flagged; "
+                                                  f"best {best.interval()}")])  # fmt: skip
+
+
+def _cascade_share() -> float:
+    cmd = json.loads((RUNS / "cascade" / "manifest.json").read_text()).get("command", [])
+    return float(cmd[cmd.index("--share") + 1]) if "--share" in cmd else 0.25
+
+
+def _backup_claims() -> list[Claim]:
+    """Per flagged backup, on the held-out examples of the cascade check: (effect after − effect
+    before) − share × the trigger's effect, weighted by scored tokens, bootstrap over examples."""
+    per = check("cascade-backups")
+    if per is None:
+        return []
+    per, share = per[per["examples"] == "held-out"], _cascade_share()
+    out = []
+    for (ly, h, tl, th), g in per.groupby(["layer", "head", "trigger_layer", "trigger_head"],
+                                          sort=False):  # fmt: skip
+        w = g["weight"].to_numpy()
+        rise = (g["effect_after"] - g["effect_before"] - share * g["trigger_effect"]).to_numpy()
+        est = bootstrap_interval(lambda c, r=rise, w=w: float(c * w @ r / (c * w).sum()), len(g))
+        out.append(Claim(f"L{ly}.H{h}: rise − {share:g} × effect of L{tl}.H{th}", est, 0, ">",
+                         replicates=f"bootstrap over {len(g)} held-out examples"))  # fmt: skip
+    return out
 
 
 # --- compare and attention ---------------------------------------------------------------------

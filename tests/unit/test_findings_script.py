@@ -181,6 +181,53 @@ def test_per_example_checks_reproduce_the_runs_on_a_tiny_model(tmp_path, monkeyp
         checks.check_held_out(runs=("in-sample",))
 
 
+def test_cascade_check_reproduces_the_run_and_tests_backups_on_held_out_examples(
+    tmp_path, monkeypatch
+):
+    """The cascade check re-measures a flagged backup per example on the run's examples (equal
+    to the run's means, else it stops) and on held-out ones; the render decides from the latter."""
+    from tiny_folder import make_model_folder
+
+    from headlab.cli.app import main
+
+    f = _module()
+    checks, sec = f.checks, f.sections
+    for mod in (checks, sec):
+        monkeypatch.setattr(mod, "RUNS", tmp_path)
+    monkeypatch.setattr(sys.modules["findings_rule"], "N_BOOT", 200)
+    folder = str(make_model_folder(tmp_path / "tiny"))
+    run = tmp_path / "cascade"
+    assert main(["cascade", "--model", folder, "--task", "induction", "--n-blocks", "6",
+                 "--n-stats-blocks", "1", "--steps", "2", "--share", "0.1", "--off-target",
+                 "none", "--out", str(run), "--quiet"]) == 0  # fmt: skip
+    t = pd.read_parquet(run / "results.parquet")
+    ((tl, th),) = t[(t["step"] == 0) & t["removed"]][["layer", "head"]].itertuples(index=False)
+    r0, r1 = (t[(t["step"] == s) & ~t["removed"]].set_index(["layer", "head"]) for s in (0, 1))
+    ly, h = r1.index[0]  # any head still in the pool: the check needs no real backup
+    row = {"step": 1, "layer": ly, "head": h, "trigger_layer": tl, "trigger_head": th,
+           "effect_before": r0.loc[(ly, h), "effect"], "effect_after": r1.loc[(ly, h), "effect"],
+           "rise": 0.0, "trigger_effect": 1.0, "share": 0.0}  # fmt: skip
+    pd.DataFrame([{**row, "effect_after": row["effect_after"] + 0.5}]).to_csv(
+        run / "backups.csv", index=False
+    )
+    with pytest.raises(SystemExit, match="cascade check"):  # not what the run measured
+        checks.check_cascade()
+    pd.DataFrame([row]).to_csv(run / "backups.csv", index=False)
+    per = pd.read_parquet(checks.check_cascade())
+    assert sorted(per.groupby("examples").size().items()) == [("held-out", 6), ("run", 6)]
+    own = per[per["examples"] == "run"]
+    w = own["weight"]
+    assert (w * own["effect_after"]).sum() / w.sum() == pytest.approx(row["effect_after"], abs=1e-5)
+    # the verdict comes from the held-out rows: a clear rise agrees, a clear fall disagrees
+    for rise, verdict in ((2.0, "agrees"), (-2.0, "disagrees")):
+        held = per.assign(effect_before=0.0, trigger_effect=1.0,
+                          effect_after=rise + 0.01 * np.arange(len(per)))  # fmt: skip
+        held.to_parquet(tmp_path / "checks" / "cascade-backups.parquet")
+        out = sec.render_cascade()
+        assert out.verdicts[0].verdict == verdict
+        assert "bootstrap over 6 held-out examples" in out.body
+
+
 def _manifest(run: Path, command: str) -> None:
     run.mkdir(parents=True, exist_ok=True)
     (run / "manifest.json").write_text(f'{{"command": ["headlab", "{command}", "--out", "x"]}}')
