@@ -484,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     checks.check_prune_heads()
     checks.check_shift()
     checks.check_cascade()
+    for name, _, _ in STEER_STEPS:
+        if name.startswith("steer-"):
+            checks.check_steer_cost(name)
     render(only)
     return 0
 

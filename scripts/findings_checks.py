@@ -213,3 +213,44 @@ def check_cascade(run: str = "cascade", held_out_seed: int = 1) -> Path | None:
                      ]  # fmt: skip
     pd.DataFrame(rows).to_parquet(_out(out.name))
     return out
+
+
+def check_steer_cost(run: str) -> Path | None:
+    """Per corpus block, the CE change of a steering run's selected heads at each of its α
+    (rebuilt from the run's manifest and checked against the run's means), so the cost claim
+    gets a paired interval; steer itself stores only each condition's mean and sd."""
+    out = RUNS / "checks" / f"{run}-cost.parquet"
+    if out.is_file() or not (RUNS / run / "results.parquet").is_file():
+        return out if out.is_file() else None
+    import torch
+
+    from headlab.data.targets import target_batch
+    from headlab.engine import run_plans
+    from headlab.interventions import Plan, Scale
+    from headlab.models.layout import describe, max_positions
+    from headlab.models.load import load_model
+
+    manifest = json.loads((RUNS / run / "manifest.json").read_text())
+    ident, heads = manifest["identity"], [tuple(h) for h in manifest["heads"]]
+    if not ident.get("data"):
+        return None
+    model, tok = load_model(ident["model"])
+    batch, metric = target_batch(ident["data"], tok, n=ident["n_blocks"],
+                                 seed=ident["config"]["seed"], seq_len=ident["seq_len"],
+                                 max_positions=max_positions(model))  # fmt: skip
+    t = pd.read_parquet(RUNS / run / "results.parquet")
+    t = t[(t["selection"] == "selected") & (t["metric"] == metric) & (t["target"] != "concept")]
+    alphas = [float(a) for a in t["alpha"]]
+    plans = [Plan(), *(Plan.heads(heads, Scale(a)) for a in alphas)]
+    with torch.no_grad():
+        clean, *scored = run_plans(model, batch, plans, [metric], layout=describe(model))
+    rows = []
+    for a, ref, sc in zip(alphas, t["delta"], scored, strict=True):
+        got = sc[metric].mean - clean[metric].mean
+        if abs(got - ref) > 1e-4 * max(1.0, abs(ref)):
+            raise SystemExit(f"findings: steering cost check of {run} at α = {a:g}: {got} vs "
+                             f"the run's {ref}")  # fmt: skip
+        d = (sc[metric].per_example - clean[metric].per_example).double().numpy()
+        rows += [{"alpha": a, "block": i, "delta": v} for i, v in enumerate(d)]
+    pd.DataFrame(rows).to_parquet(_out(out.name))
+    return out

@@ -158,10 +158,18 @@ def _per_prompt(gens: pd.DataFrame) -> pd.DataFrame:
     return g.pivot_table(index="prompt", columns="cond", values="concept_rate", aggfunc="mean")
 
 
-def _cost_interval(table: pd.DataFrame, alpha: float) -> tuple[float, float, float]:
-    """The corpus ΔCE of the selected heads at ``alpha``: a conservative interval from the two
-    conditions' per-block sd (unpaired, so wider than the paired one)."""
+def _cost_interval(
+    table: pd.DataFrame, alpha: float, per_block: pd.DataFrame | None = None
+) -> tuple[float, float, float]:
+    """The corpus ΔCE of the selected heads at ``alpha``: a t-interval over the blocks' paired
+    differences of ``per_block`` (the findings check of the run), else a conservative one from
+    the two conditions' per-block sd (unpaired, so wider than the paired one)."""
     from scipy import stats
+
+    if per_block is not None:
+        d = per_block[np.isclose(per_block["alpha"], alpha)]["delta"].to_numpy()
+        if len(d):
+            return t_interval(d)
 
     ce = table[(table["metric"] == "ce") & (table["target"] != "concept")]
     sel = ce[(ce["selection"] == "selected") & np.isclose(ce["alpha"], alpha)]
@@ -174,10 +182,14 @@ def _cost_interval(table: pd.DataFrame, alpha: float) -> tuple[float, float, flo
     return d, d - half, d + half
 
 
-def claims(gens: pd.DataFrame, table: pd.DataFrame) -> tuple[list[Claim], str]:
+def claims(gens: pd.DataFrame, table: pd.DataFrame,
+           per_block: pd.DataFrame | None = None) -> tuple[list[Claim], str]:  # fmt: skip
     """The claims of one steering run and their combined verdict: at α = −1 the selected heads'
     concept rate is below the random sets' mean, at α = 5 above it (paired over prompts, the mean
-    of their samples), and at both the corpus ΔCE stays below ``MAX_COST``."""
+    of their samples), and at both the corpus ΔCE stays below ``MAX_COST`` (paired over blocks
+    when ``per_block`` is given)."""
+    cost = ("t-interval over corpus blocks, paired" if per_block is not None
+            else "conservative t-interval over corpus blocks")  # fmt: skip
     wide = _per_prompt(gens)
     out = []
     for alpha, side, what in ((REMOVE, "<", "removes"), (AMPLIFY, ">", "amplifies")):
@@ -192,8 +204,8 @@ def claims(gens: pd.DataFrame, table: pd.DataFrame) -> tuple[list[Claim], str]:
                          replicates=f"t-interval over {len(diff)} prompts × {SAMPLES} samples, "
                                     "paired"))  # fmt: skip
         out.append(Claim(f"α = {alpha:g}: corpus ΔCE of the selected heads",
-                         _cost_interval(table, alpha), MAX_COST, "<",
-                         replicates="conservative t-interval over corpus blocks"))  # fmt: skip
+                         _cost_interval(table, alpha, per_block), MAX_COST, "<",
+                         replicates=cost))  # fmt: skip
     return out, combine([c.verdict for c in out])
 
 
@@ -240,7 +252,8 @@ def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., st
                 continue
             table = pd.read_parquet(runs / name / "results.parquet")
             gens = pd.read_json(runs / name / "generations.jsonl", lines=True)
-            cs, v = claims(gens, table)
+            cost = runs / "checks" / f"{name}-cost.parquet"
+            cs, v = claims(gens, table, pd.read_parquet(cost) if cost.is_file() else None)
             vs.append(v)
             heads = table[table["selection"] == "selected"]["heads"].iloc[0]
             rate = table[(table["metric"] == "concept_rate")]

@@ -385,3 +385,36 @@ def test_steering_claims_pair_samples_across_conditions_and_require_a_small_cost
     assert verdict == expected
     assert claims[0].point == pytest.approx(remove, abs=0.01)
     assert claims[0].replicates.startswith("t-interval over 40 prompts")
+
+
+def test_steering_cost_check_pairs_blocks_and_narrows_the_cost_interval(tmp_path, monkeypatch):
+    """The cost check rebuilds a steering run's corpus blocks, reproduces its mean ΔCE per α and
+    stores the per-block differences, from which the cost claim gets a paired interval."""
+    from tiny_folder import make_model_folder
+
+    from headlab.cli.app import main
+
+    checks, steer = _module("findings_checks"), _module("findings_steer")
+    monkeypatch.setattr(checks, "RUNS", tmp_path)
+    folder = str(make_model_folder(tmp_path / "tiny"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The value of the\nIt is used to\nA list of\n")
+    assert main(["steer", "--model", folder, "--concept", "the,of,to,is", "--prompts",
+                 str(prompts), "--alphas=-1,5", "--n-random", "1", "--max-new-tokens", "4",
+                 "--k", "2", "--seq-len", "16", "--n-blocks", "5", "--off-task", "none",
+                 "--quiet", "--out", str(tmp_path / "steer-x")]) == 0  # fmt: skip
+    per = pd.read_parquet(checks.check_steer_cost("steer-x"))
+    table = pd.read_parquet(tmp_path / "steer-x" / "results.parquet")
+    sel = table[(table["selection"] == "selected") & (table["metric"] == "ce")]
+    assert sorted(per["alpha"].unique()) == [-1.0, 5.0] and len(per) == 2 * 5
+    for a, ref in zip(sel["alpha"], sel["delta"], strict=True):
+        assert per[per["alpha"] == a]["delta"].mean() == pytest.approx(ref, abs=1e-4)
+    # a cost of 0.4 ± 0.4 per condition is undecided unpaired; 0.4 ± 0.02 per block is decided
+    gens, table = _steer_tables(-0.05, 0.05, 0.4)
+    unpaired, _ = steer.claims(gens, table)
+    blocks = pd.DataFrame([{"alpha": a, "block": b, "delta": 0.4 + 0.02 * (-1) ** b}
+                           for a in (-1.0, 5.0) for b in range(32)])  # fmt: skip
+    paired, verdict = steer.claims(gens, table, blocks)
+    assert unpaired[1].verdict == "inconclusive" and paired[1].verdict == "agrees"
+    assert paired[1].replicates == "t-interval over corpus blocks, paired"
+    assert verdict == "agrees"
