@@ -585,6 +585,8 @@ def render_attention() -> Rendered | None:
     lines, claims = [], []
     lines.append(figure("attention/faithfulness.png", "attention_faithfulness_names.png",
                         "faithfulness, names")
+                 + figure("attention-induction/faithfulness.png",
+                          "attention_faithfulness_induction.png", "faithfulness, induction")
                  + figure("attention/head_L24_H4.png", "attention_head_L24_H4.png",
                           "head L24.H4 on an IOI prompt"))  # fmt: skip
     for name, task in (("attention", "names"), ("attention-induction", "induction")):
