@@ -273,9 +273,12 @@ def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., st
         table_md(["concept", "selection (heads)", "quantity", "estimate [95 % CI]", "verdict"],
                  rows), "",
         "Intervals of the rate differences: t-interval over prompts (each the mean of its "
-        f"{SAMPLES} samples), paired across conditions. A selection controls its concept when all "
-        "four of its claims agree; a concept agrees when some selection does and disagrees when "
-        "every selection disagrees (a concept with a selection not run cannot disagree). "
+        f"{SAMPLES} samples), paired across conditions; of the corpus ΔCE: t-interval over the "
+        "corpus blocks, each paired with the clean model's CE of the same block "
+        "(`scripts/findings_checks.py`, checked against the run's means). A selection controls "
+        "its concept when all four of its claims agree; a concept agrees when some selection does "
+        "and disagrees when every selection disagrees (a concept with a selection not run cannot "
+        "disagree). "
         + ", ".join(f"{c}: **{v}**" for c, v in per_concept.items())
         + f'. "Rescaling a few concept heads controls the concept, unlike random heads": '
         f"**{overall}**.",
