@@ -16,13 +16,14 @@ built-in ones, disjoint from these.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from findings_rule import Claim, combine, t_interval
+from findings_rule import Claim, bootstrap_interval, combine, t_interval
 
 #: (run name, arguments after ``headlab``, rough cost) — filled by :func:`steps`
 Step = tuple[str, Callable[[], list[str]], int]
@@ -150,12 +151,39 @@ def steps(runs: Path, inputs: str) -> list[Step]:
 # --- the section -------------------------------------------------------------------------------
 
 
-def _per_prompt(gens: pd.DataFrame) -> pd.DataFrame:
-    """Concept rate per (condition, prompt): the mean over its samples; ``[prompt, condition]``."""
+def word_counts(gens: pd.DataFrame, words: list[str]) -> pd.DataFrame:
+    """``gens`` with ``hits`` (concept words) and ``words`` (all words) per sample, counted by
+    headlab's own :func:`concept_rate` (whose pooled rate is hits / words)."""
+    from headlab.analyses.steer.concepts import concept_rate
+
+    counts = [concept_rate([t], words)[1:] for t in gens["text"]]
+    n = [c[1] for c in counts]
+    hits = [round(c[0][0] * k) if k else 0 for c, k in zip(counts, n, strict=True)]
+    return gens.assign(hits=hits, words=n)
+
+
+def _per_prompt(gens: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Concept words and all words per (prompt, condition), summed over the prompt's samples."""
     rows = zip(gens["selection"], gens["seed"], gens["alpha"], strict=True)
     cond = [f"{sel}:{'' if pd.isna(seed) else int(seed)}:{float(a):g}" for sel, seed, a in rows]
     g = gens.assign(cond=cond)
-    return g.pivot_table(index="prompt", columns="cond", values="concept_rate", aggfunc="mean")
+    wide = {v: g.pivot_table(index="prompt", columns="cond", values=v, aggfunc="sum")
+            for v in ("hits", "words")}  # fmt: skip
+    return wide["hits"], wide["words"]
+
+
+def _rate_difference(hits: pd.DataFrame, words: pd.DataFrame, sel: str, rnd: list[str],
+                     alpha: float) -> tuple[float, float, float]:  # fmt: skip
+    """Pooled rate of ``sel`` minus the mean pooled rate of the ``rnd`` conditions (the run's
+    ``concept_rate``: concept words / all words), bootstrap interval over prompts, which pair the
+    conditions (each prompt keeps its samples in every condition)."""
+    h, w = hits[[sel, *rnd]].to_numpy(float), words[[sel, *rnd]].to_numpy(float)
+
+    def diff(c: np.ndarray) -> float:
+        rate = (c @ h) / (c @ w)
+        return float(rate[0] - rate[1:].mean())
+
+    return bootstrap_interval(diff, len(h), seed=int(abs(alpha) * 10))
 
 
 def _cost_interval(
@@ -185,28 +213,44 @@ def _cost_interval(
 def claims(gens: pd.DataFrame, table: pd.DataFrame,
            per_block: pd.DataFrame | None = None) -> tuple[list[Claim], str]:  # fmt: skip
     """The claims of one steering run and their combined verdict: at α = −1 the selected heads'
-    concept rate is below the random sets' mean, at α = 5 above it (paired over prompts, the mean
-    of their samples), and at both the corpus ΔCE stays below ``MAX_COST`` (paired over blocks
-    when ``per_block`` is given)."""
+    concept rate is below the random sets' mean and the clean model's, at α = 5 above both (the
+    run's pooled rate, paired over prompts; ``gens`` with :func:`word_counts`), and at both the
+    corpus ΔCE stays below ``MAX_COST`` (paired over blocks when ``per_block`` is given)."""
     cost = ("t-interval over corpus blocks, paired" if per_block is not None
             else "conservative t-interval over corpus blocks")  # fmt: skip
-    wide = _per_prompt(gens)
+    hits, words = _per_prompt(gens)
+    clean = [c for c in hits.columns if c.startswith("clean:")]
     out = []
     for alpha, side, what in ((REMOVE, "<", "removes"), (AMPLIFY, ">", "amplifies")):
-        at = [c for c in wide.columns if float(c.split(":")[2]) == alpha]
+        at = [c for c in hits.columns if float(c.split(":")[2]) == alpha]
         sel = [c for c in at if c.startswith("selected:")]
         rnd = [c for c in at if c.startswith("random:")]
-        if not sel or not rnd:
+        if not sel or not rnd or not clean:
             continue
-        diff = wide[sel[0]] - wide[rnd].mean(axis=1)
-        out.append(Claim(f"α = {alpha:g} {what}: rate(selected) − rate(random sets)",
-                         t_interval(diff.to_numpy()), 0, side, digits=3,
-                         replicates=f"t-interval over {len(diff)} prompts × {SAMPLES} samples, "
-                                    "paired"))  # fmt: skip
+        rep = f"bootstrap over {len(hits)} prompts × {SAMPLES} samples, paired"
+        for name, against in (("random sets", rnd), ("clean", clean)):
+            out.append(Claim(f"α = {alpha:g} {what}: rate(selected) − rate({name})",
+                             _rate_difference(hits, words, sel[0], against, alpha), 0, side,
+                             digits=3, replicates=rep))  # fmt: skip
         out.append(Claim(f"α = {alpha:g}: corpus ΔCE of the selected heads",
                          _cost_interval(table, alpha, per_block), MAX_COST, "<",
                          replicates=cost))  # fmt: skip
     return out, combine([c.verdict for c in out])
+
+
+def _check_rates(name: str, gens: pd.DataFrame, table: pd.DataFrame) -> None:
+    """Stop unless the pooled rates recomputed from the generations equal the run's table."""
+    rate = table[table["metric"] == "concept_rate"]
+    for r in rate.itertuples():
+        g = gens[
+            (gens["selection"] == r.selection)
+            & np.isclose(gens["alpha"], r.alpha)
+            & ((gens["seed"] == r.seed) if not pd.isna(r.seed) else gens["seed"].isna())
+        ]
+        got = g["hits"].sum() / g["words"].sum()
+        if abs(got - r.value) > 1e-9:
+            raise SystemExit(f"findings: {name}: concept rate {got} from the generations vs the "
+                             f"run's {r.value} ({r.selection}, α = {r.alpha:g})")  # fmt: skip
 
 
 def _done(runs: Path, name: str) -> bool:
@@ -251,7 +295,10 @@ def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., st
                 lines.append(f"- {c}, {s}: not run (no CPU time left in this regeneration)")
                 continue
             table = pd.read_parquet(runs / name / "results.parquet")
-            gens = pd.read_json(runs / name / "generations.jsonl", lines=True)
+            words = json.loads((runs / name / "manifest.json").read_text())["identity"][
+                "concept"]["words"]  # fmt: skip
+            gens = word_counts(pd.read_json(runs / name / "generations.jsonl", lines=True), words)
+            _check_rates(name, gens, table)
             cost = runs / "checks" / f"{name}-cost.parquet"
             cs, v = claims(gens, table, pd.read_parquet(cost) if cost.is_file() else None)
             vs.append(v)
@@ -272,11 +319,12 @@ def render(runs: Path, command: Callable[[str], str], table_md: Callable[..., st
         *lines, "",
         table_md(["concept", "selection (heads)", "quantity", "estimate [95 % CI]", "verdict"],
                  rows), "",
-        "Intervals of the rate differences: t-interval over prompts (each the mean of its "
-        f"{SAMPLES} samples), paired across conditions; of the corpus ΔCE: t-interval over the "
-        "corpus blocks, each paired with the clean model's CE of the same block "
+        "Rates are the run's own (concept words / all words, pooled over samples); intervals of "
+        f"their differences: bootstrap over prompts, each keeping its {SAMPLES} samples in every "
+        "condition (paired, as conditions share sampling seeds); of the corpus ΔCE: t-interval "
+        "over the corpus blocks, each paired with the clean model's CE of the same block "
         "(`scripts/findings_checks.py`, checked against the run's means). A selection controls "
-        "its concept when all four of its claims agree; a concept agrees when some selection does "
+        "its concept when all six of its claims agree; a concept agrees when some selection does "
         "and disagrees when every selection disagrees (a concept with a selection not run cannot "
         "disagree). "
         + ", ".join(f"{c}: **{v}**" for c, v in per_concept.items())

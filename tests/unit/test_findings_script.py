@@ -361,8 +361,8 @@ def _steer_tables(shift_remove: float, shift_amplify: float, cost: float, n: int
                 for alpha in (1.0,) if sel == "clean" else (-1.0, 5.0):
                     shift = {-1.0: shift_remove, 5.0: shift_amplify}.get(alpha, 0.0)
                     rate = 0.1 + 0.02 * gen.standard_normal() + (shift if sel == "selected" else 0)
-                    rows.append((sel, seed, alpha, f"prompt {p}", rate))
-    gens = pd.DataFrame(rows, columns=["selection", "seed", "alpha", "prompt", "concept_rate"])
+                    rows.append((sel, seed, alpha, f"prompt {p}", round(rate * 1000), 1000))
+    gens = pd.DataFrame(rows, columns=["selection", "seed", "alpha", "prompt", "hits", "words"])
     table = pd.DataFrame(
         [("clean", 1.0, 0.0, 0.4), ("selected", -1.0, cost, 0.4), ("selected", 5.0, cost, 0.4)],
         columns=["selection", "alpha", "delta", "sd"],
@@ -381,10 +381,11 @@ def test_steering_claims_pair_samples_across_conditions_and_require_a_small_cost
     steer = _module("findings_steer")
     gens, table = _steer_tables(remove, amplify, cost)
     claims, verdict = steer.claims(gens, table)
-    assert [c.side for c in claims] == ["<", "<", ">", "<"]
+    assert [c.side for c in claims] == ["<", "<", "<", ">", ">", "<"]
     assert verdict == expected
-    assert claims[0].point == pytest.approx(remove, abs=0.01)
-    assert claims[0].replicates.startswith("t-interval over 40 prompts")
+    assert claims[0].point == pytest.approx(remove, abs=0.01)  # against the random sets
+    assert claims[1].point == pytest.approx(remove, abs=0.01)  # against the clean model
+    assert claims[0].replicates.startswith("bootstrap over 40 prompts")
 
 
 def test_steering_cost_check_pairs_blocks_and_narrows_the_cost_interval(tmp_path, monkeypatch):
@@ -415,6 +416,22 @@ def test_steering_cost_check_pairs_blocks_and_narrows_the_cost_interval(tmp_path
     blocks = pd.DataFrame([{"alpha": a, "block": b, "delta": 0.4 + 0.02 * (-1) ** b}
                            for a in (-1.0, 5.0) for b in range(32)])  # fmt: skip
     paired, verdict = steer.claims(gens, table, blocks)
-    assert unpaired[1].verdict == "inconclusive" and paired[1].verdict == "agrees"
-    assert paired[1].replicates == "t-interval over corpus blocks, paired"
+    assert unpaired[2].verdict == "inconclusive" and paired[2].verdict == "agrees"
+    assert paired[2].replicates == "t-interval over corpus blocks, paired"
     assert verdict == "agrees"
+
+
+def test_steering_rates_are_the_runs_pooled_rates():
+    """The claims count words as the run does (concept words / all words, pooled over samples),
+    and a table whose rate differs from the generations' is refused."""
+    steer = _module("findings_steer")
+    texts = ["red and blue", "a green b c d e f"]
+    gens = pd.DataFrame({"selection": ["clean", "clean"], "seed": [None, None], "alpha": 1.0,
+                         "prompt": ["p", "p"], "text": texts})  # fmt: skip
+    gens = steer.word_counts(gens, ["red", "blue", "green"])
+    assert list(gens["hits"]) == [2, 1] and list(gens["words"]) == [3, 7]
+    table = pd.DataFrame({"selection": ["clean"], "seed": [None], "alpha": [1.0],
+                          "metric": ["concept_rate"], "value": [3 / 10]})  # fmt: skip
+    steer._check_rates("x", gens, table)  # pooled 3/10, not the mean of 2/3 and 1/7
+    with pytest.raises(SystemExit, match="concept rate"):
+        steer._check_rates("x", gens, table.assign(value=(2 / 3 + 1 / 7) / 2))
