@@ -53,8 +53,9 @@ TASK = ["--n-blocks", "32", "--n-stats-blocks", "32"]
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 MACHINE = ("one 2-core x86-64 CPU (24 GiB; PyTorch CPU build, fp32, 2 threads); the runs went one "
            "at a time, except that detect, the digits runs and the first parts of the minilm runs "
-           "shared the machine with up to five other jobs, and the steering runs, "
-           "minilm-prune-neurons and attention ran two at a time")  # fmt: skip
+           "shared the machine with up to five other jobs, steer-colours-pursuit, "
+           "steer-colours-chg, minilm-prune-neurons and attention ran two at a time, and "
+           "steer-numbers-pursuit shared it with the test suite for most of its run")  # fmt: skip
 
 
 def _pool() -> str:
