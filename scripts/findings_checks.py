@@ -40,6 +40,12 @@ def _blocks(run: str, tokenizer: Any) -> Any:
     return ev
 
 
+def _agree(got: float, ref: float, what: str, tol: float = 1e-4) -> None:
+    """Stop unless a check's recomputed mean ``got`` equals the run's ``ref`` (relative ``tol``)."""
+    if abs(got - ref) > tol * max(1.0, abs(ref)):
+        raise SystemExit(f"findings: {what}: {got} vs the run's {ref}")
+
+
 def _out(name: str) -> Path:
     folder = RUNS / "checks"
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,9 +106,7 @@ def check_prune_heads(run: str = "prune-heads", sweep: str = "sweep-docs",
         d = (sc["ce"].per_example - clean["ce"].per_example).double().numpy()
         ref = t[(t["order"] == "sweep") & (t["method"] == "zero") & (t["metric"] == "ce")
                 & ((t["fraction"] - f).abs() < 1e-9)]["delta"].iloc[0]  # fmt: skip
-        if abs(sc["ce"].mean - clean["ce"].mean - ref) > 1e-4 * max(1.0, abs(ref)):
-            raise SystemExit(f"findings: per-block check at {f}: mean "
-                             f"{sc['ce'].mean - clean['ce'].mean} vs the run's {ref}")  # fmt: skip
+        _agree(sc["ce"].mean - clean["ce"].mean, ref, f"per-block check at {f}: mean")
         rows += [{"method": "zero", "fraction": f, "block": i, "delta": v} for i, v in enumerate(d)]
     pd.DataFrame(rows).to_parquet(_out(out.name))
     return out
@@ -145,8 +149,7 @@ def check_shift(run: str = "shift", groups: int = 4) -> Path | None:
     for m in set(got["method"]) & {"zero", "mean", "peak"}:
         ref = float(table[(table["method"] == m) & (table["metric"] == "kl")]["value"].iloc[0])
         mean = float(got[got["method"] == m]["kl"].mean())
-        if abs(mean - ref) > 1e-3 * max(1.0, abs(ref)):
-            raise SystemExit(f"findings: shift check {m}: group KL {mean} vs the run's {ref}")
+        _agree(mean, ref, f"shift check {m}: group KL", tol=1e-3)
     got.to_parquet(_out(out.name))
     return out
 
@@ -201,9 +204,7 @@ def check_cascade(run: str = "cascade", held_out_seed: int = 1) -> Path | None:
             weight = sc[0][m.name].weight.double().numpy()
             for i, ref in ((1, b.effect_before), (3, b.effect_after)) if examples == "run" else ():
                 mean = sign * (sc[i][m.name].mean - sc[i - 1][m.name].mean)
-                if abs(mean - ref) > 1e-4 * max(1.0, abs(ref)):
-                    raise SystemExit(f"findings: cascade check L{b.layer}.H{b.head}: effect "
-                                     f"{mean} vs the run's {ref}")  # fmt: skip
+                _agree(mean, ref, f"cascade check L{b.layer}.H{b.head}: effect")
             rows += [{"step": b.step, "layer": b.layer, "head": b.head,
                       "trigger_layer": b.trigger_layer, "trigger_head": b.trigger_head,
                       "examples": examples, "example": i, "effect_before": eb, "effect_after": ea,
@@ -246,10 +247,8 @@ def check_steer_cost(run: str) -> Path | None:
         clean, *scored = run_plans(model, batch, plans, [metric], layout=describe(model))
     rows = []
     for a, ref, sc in zip(alphas, t["delta"], scored, strict=True):
-        got = sc[metric].mean - clean[metric].mean
-        if abs(got - ref) > 1e-4 * max(1.0, abs(ref)):
-            raise SystemExit(f"findings: steering cost check of {run} at α = {a:g}: {got} vs "
-                             f"the run's {ref}")  # fmt: skip
+        _agree(sc[metric].mean - clean[metric].mean, ref, f"steering cost check of {run} at "
+               f"α = {a:g}")  # fmt: skip
         d = (sc[metric].per_example - clean[metric].per_example).double().numpy()
         rows += [{"alpha": a, "block": i, "delta": v} for i, v in enumerate(d)]
     pd.DataFrame(rows).to_parquet(_out(out.name))
