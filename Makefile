@@ -25,7 +25,7 @@ demo: venv
 	$(BIN)/headlab demo
 
 # docs/findings.md from runs at decisive sizes (hours on 2 CPU cores; resumes finished runs and
-# parts, so it can be interrupted; FINDINGS_ARGS=--with-gates adds the gate fits)
+# parts, so it can be interrupted; FINDINGS_ARGS=--with-gates adds the L0 sweep)
 findings: venv
 	$(BIN)/python scripts/findings.py $(FINDINGS_ARGS)
 

@@ -154,6 +154,24 @@ def check_shift(run: str = "shift", groups: int = 4) -> Path | None:
     return out
 
 
+def _task_examples(run: str, tokenizer: Any, n_held_out: int, seed: int) -> tuple[Any, Any]:
+    """Task run ``run``'s own examples (fingerprint-checked) and ``n_held_out`` examples of the
+    same task from task seed ``seed``, checked to share none with the run's."""
+    from headlab.data.blocks import batch_fingerprint
+    from headlab.data.tasks import load_task
+
+    ident = _identity(run)
+    own = load_task(ident["task"], tokenizer, n=ident["n_blocks"], seed=ident["seed"],
+                    seq_len=ident["seq_len"]).eval  # fmt: skip
+    if batch_fingerprint(own) != ident["eval_fingerprint"]:
+        raise SystemExit(f"findings: cannot rebuild the examples of {run}")
+    new = load_task(ident["task"], tokenizer, n=n_held_out, seed=seed,
+                    seq_len=ident["seq_len"]).eval  # fmt: skip
+    if {tuple(x) for x in own.input_ids.tolist()} & {tuple(x) for x in new.input_ids.tolist()}:
+        raise SystemExit(f"findings: the held-out examples of {run} repeat some of its own")
+    return own, new
+
+
 def check_cascade(run: str = "cascade", held_out_seed: int = 1) -> Path | None:
     """Per example, each backup the cascade flagged: its effect before and after its trigger is
     removed, and the trigger's own effect, on the run's examples (checked against the run's
@@ -166,8 +184,6 @@ def check_cascade(run: str = "cascade", held_out_seed: int = 1) -> Path | None:
     import torch
 
     from headlab.analyses.cascade import removed_heads
-    from headlab.data.blocks import batch_fingerprint
-    from headlab.data.tasks import load_task
     from headlab.engine import run_plans
     from headlab.interventions import Plan, intervention_from_name
     from headlab.metrics import get_metric
@@ -177,14 +193,7 @@ def check_cascade(run: str = "cascade", held_out_seed: int = 1) -> Path | None:
     ident = _identity(run)
     model, tok = load_model(ident["model"])
     layout = describe(model)
-    own = load_task(ident["task"], tok, n=ident["n_blocks"], seed=ident["seed"],
-                    seq_len=ident["seq_len"]).eval  # fmt: skip
-    if batch_fingerprint(own) != ident["eval_fingerprint"]:
-        raise SystemExit(f"findings: cannot rebuild the examples of {run}")
-    new = load_task(ident["task"], tok, n=ident["n_blocks"], seed=held_out_seed,
-                    seq_len=ident["seq_len"]).eval  # fmt: skip
-    if {tuple(x) for x in own.input_ids.tolist()} & {tuple(x) for x in new.input_ids.tolist()}:
-        raise SystemExit(f"findings: the held-out examples of {run} repeat some of its own")
+    own, new = _task_examples(run, tok, ident["n_blocks"], held_out_seed)
     removed = removed_heads(pd.read_parquet(RUNS / run / "results.parquet"))
     m, iv = get_metric(ident["metric"]), intervention_from_name(ident["method"])
     sign = -1.0 if m.higher_is_better else 1.0
@@ -251,5 +260,65 @@ def check_steer_cost(run: str) -> Path | None:
                f"α = {a:g}")  # fmt: skip
         d = (sc[metric].per_example - clean[metric].per_example).double().numpy()
         rows += [{"alpha": a, "block": i, "delta": v} for i, v in enumerate(d)]
+    pd.DataFrame(rows).to_parquet(_out(out.name))
+    return out
+
+
+def check_gate(run: str = "gate", held_out_seed: int = 1, n_held_out: int = 64) -> Path | None:
+    """Per example, the zero-ablation effect of the head groups ``headlab gate --validate``
+    ablates (the top-k facilitating heads of the mask-averaged labels, its interfering heads, its
+    random sets) and of each mask's own top-k facilitating heads, on the run's fitting sequences
+    (checked against its ``validation.csv``) and on ``n_held_out`` held-out sequences of the same
+    task (``held_out_seed``): the gates were fitted on the run's sequences, so only held-out ones
+    test the labels."""
+    out = RUNS / "checks" / f"{run}-validation.parquet"
+    val_path = RUNS / run / "validation.csv"
+    if out.is_file() or not complete(run) or not val_path.is_file():
+        return out if out.is_file() else None
+    import torch
+    from safetensors.torch import load_file
+
+    from headlab.analyses.gates import head_taxonomy, label_groups
+    from headlab.engine import run_plans
+    from headlab.heads import top_heads
+    from headlab.interventions import Plan, Zero
+    from headlab.metrics import get_metric
+    from headlab.models.layout import describe
+    from headlab.models.load import load_model
+
+    ident, val = _identity(run), pd.read_csv(val_path)
+    model, tok = load_model(ident["model"])
+    layout = describe(model)
+    own, new = _task_examples(run, tok, n_held_out, held_out_seed)
+    k = int(val.loc[val["group"] == "facilitating", "n_heads"].iloc[0])
+    n_random = int((val["group"] == "random").sum())
+    threshold = ident["config"]["threshold"]
+    groups = label_groups(pd.read_parquet(RUNS / run / "heads.parquet"), k=k, n_random=n_random,
+                          seed=ident["seed"])  # fmt: skip
+    thetas = [load_file(RUNS / run / f"theta-{f}.safetensors")["value"]
+              for f in ("zero", "plus", "minus")]  # fmt: skip
+    for mask in range(thetas[0].shape[0]):
+        own_labels = head_taxonomy(*(t[mask : mask + 1] for t in thetas), threshold)
+        groups[f"facilitating-mask:{mask}"] = top_heads(own_labels, "facilitating", k)
+    m = get_metric(val["metric"].iloc[0])
+    sign = -1.0 if m.higher_is_better else 1.0
+    names = list(groups)
+    plans = [Plan()] + [Plan.heads(list(groups[n]), Zero()) for n in names]
+    rows = []
+    for examples, batch in (("run", own), ("held-out", new)):
+        with torch.no_grad():
+            clean, *scored = run_plans(model, batch, plans, [m], layout=layout)
+        base = clean[m.name].per_example.double().numpy()
+        weight = clean[m.name].weight.double().numpy()
+        for name, sc in zip(names, scored, strict=True):
+            group, _, draw = name.partition(":")
+            effect = sign * (sc[m.name].per_example.double().numpy() - base)
+            if examples == "run" and group in set(val["group"]):
+                ref = val[(val["group"] == group) & (val["draw"] == int(draw or 0))]["effect"]
+                _agree(sign * (sc[m.name].mean - clean[m.name].mean), float(ref.iloc[0]),
+                       f"gate check {name}: effect")  # fmt: skip
+            rows += [{"group": group, "draw": int(draw or 0), "examples": examples, "example": i,
+                      "effect": e, "weight": w}
+                     for i, (e, w) in enumerate(zip(effect, weight, strict=True))]  # fmt: skip
     pd.DataFrame(rows).to_parquet(_out(out.name))
     return out

@@ -30,6 +30,7 @@ __all__ = [
     "combine",
     "t_interval",
     "verdict",
+    "vs_random_interval",
 ]
 
 LEVEL = 0.95
@@ -79,6 +80,31 @@ def bootstrap_interval(
     point = float(statistic(np.ones(n_examples)))
     counts = bootstrap_counts(n_examples, n_boot or N_BOOT, seed)  # [draw, example]
     boot = np.array([statistic(c) for c in counts])
+    low, high = bc_interval(boot, point, level)
+    return point, low, high
+
+
+def vs_random_interval(
+    top: np.ndarray,
+    random: np.ndarray,
+    weights: np.ndarray,
+    *,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(point, low, high)`` of the ``weights``-weighted mean over examples of ``top[example]``
+    minus the mean of ``random[draw, example]`` over draws: how much more a chosen set does than
+    random sets on the same examples. Each of the :data:`N_BOOT` bootstrap draws resamples the
+    examples and the random sets together, so the interval also carries the random sets' spread."""
+    top, random, w = (np.asarray(x, dtype=float) for x in (top, random, weights))
+    if random.ndim != 2 or random.shape[1] != top.size or w.size != top.size:
+        raise ValueError(f"random must be [draw, {top.size}] and weights [{top.size}]")
+    point = float(w @ (top - random.mean(0)) / w.sum())
+    counts = bootstrap_counts(top.size, N_BOOT, seed)  # [draw, example]
+    rng = np.random.default_rng(seed + 1)  # independent of the examples' resampling
+    picks = rng.integers(0, len(random), size=(N_BOOT, len(random)))
+    boot = np.array([(c * w) @ (top - random[p].mean(0)) / (c * w).sum()
+                     for c, p in zip(counts, picks, strict=True)])  # fmt: skip
     low, high = bc_interval(boot, point, level)
     return point, low, high
 

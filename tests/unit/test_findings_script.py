@@ -181,21 +181,26 @@ def test_per_example_checks_reproduce_the_runs_on_a_tiny_model(tmp_path, monkeyp
         checks.check_held_out(runs=("in-sample",))
 
 
+def _checks_on_tiny(tmp_path, monkeypatch):
+    """The checks and sections modules writing under ``tmp_path`` (200 bootstrap draws), and a
+    tiny model folder."""
+    from tiny_folder import make_model_folder
+
+    f = _module()
+    for mod in (f.checks, f.sections):
+        monkeypatch.setattr(mod, "RUNS", tmp_path)
+    monkeypatch.setattr(sys.modules["findings_rule"], "N_BOOT", 200)
+    return f.checks, f.sections, str(make_model_folder(tmp_path / "tiny"))
+
+
 def test_cascade_check_reproduces_the_run_and_tests_backups_on_held_out_examples(
     tmp_path, monkeypatch
 ):
     """The cascade check re-measures a flagged backup per example on the run's examples (equal
     to the run's means, else it stops) and on held-out ones; the render decides from the latter."""
-    from tiny_folder import make_model_folder
-
     from headlab.cli.app import main
 
-    f = _module()
-    checks, sec = f.checks, f.sections
-    for mod in (checks, sec):
-        monkeypatch.setattr(mod, "RUNS", tmp_path)
-    monkeypatch.setattr(sys.modules["findings_rule"], "N_BOOT", 200)
-    folder = str(make_model_folder(tmp_path / "tiny"))
+    checks, sec, folder = _checks_on_tiny(tmp_path, monkeypatch)
     run = tmp_path / "cascade"
     assert main(["cascade", "--model", folder, "--task", "induction", "--n-blocks", "6",
                  "--n-stats-blocks", "1", "--steps", "2", "--share", "0.1", "--off-target",
@@ -226,6 +231,65 @@ def test_cascade_check_reproduces_the_run_and_tests_backups_on_held_out_examples
         out = sec.render_cascade()
         assert out.verdicts[0].verdict == verdict
         assert "bootstrap over 6 held-out examples" in out.body
+
+
+def test_gate_check_reproduces_the_validation_and_decides_on_held_out_sequences(
+    tmp_path, monkeypatch
+):
+    """The gate check re-ablates the validation's groups and each mask's own top heads per
+    sequence (equal to the run's validation.csv, else it stops) on the fitting sequences and on
+    held-out ones; the render decides from the held-out ones, resampling the random sets too."""
+    from headlab.cli.app import main
+
+    checks, sec, folder = _checks_on_tiny(tmp_path, monkeypatch)
+    run = tmp_path / "gate"
+    assert main(["gate", "--model", folder, "--task", "induction", "--n-blocks", "6",
+                 "--n-stats-blocks", "4", "--steps", "3", "--masks", "2", "--validate", "--k",
+                 "2", "--random", "4", "--out", str(run), "--quiet"]) == 0  # fmt: skip
+    val = pd.read_csv(run / "validation.csv")
+    bad = val.copy()
+    bad.loc[bad["group"] == "facilitating", "effect"] += 0.5
+    bad.to_csv(run / "validation.csv", index=False)
+    with pytest.raises(SystemExit, match="gate check facilitating"):  # not what the run measured
+        checks.check_gate(n_held_out=8)
+    val.to_csv(run / "validation.csv", index=False)
+    per = pd.read_parquet(checks.check_gate(n_held_out=8))
+    assert sorted(per.groupby("examples")["example"].nunique().items()) == [
+        ("held-out", 8),
+        ("run", 6),
+    ]
+    assert sorted(per.loc[per["group"] == "facilitating-mask", "draw"].unique()) == [0, 1]
+    assert per[per["group"] == "random"]["draw"].nunique() == 4
+    own = per[(per["examples"] == "run") & (per["group"] == "facilitating")]
+    ref = val.loc[val["group"] == "facilitating", "effect"].iloc[0]
+    assert (own["weight"] * own["effect"]).sum() / own["weight"].sum() == pytest.approx(
+        ref, abs=1e-5
+    )
+    # the verdict comes from the held-out rows: labelled heads far above random agree, below
+    # disagree; the fitting sequences cannot change it
+    chosen = per["group"].str.startswith("facilitating")
+    for lift, verdict in ((3.0, "agrees"), (-3.0, "disagrees")):
+        held = per.assign(effect=np.where(chosen, lift, 0.0) + 0.01 * per["example"])
+        held.loc[held["examples"] == "run", "effect"] = -lift
+        held.to_parquet(tmp_path / "checks" / "gate-validation.parquet")
+        out = sec.render_gate()
+        assert out.verdicts[0].key == "gate" and out.verdicts[0].verdict == verdict
+        assert "bootstrap over 8 held-out sequences and the 4 random sets together" in out.body
+
+
+def test_vs_random_interval_carries_the_spread_of_the_random_sets():
+    rule = _module("findings_rule")
+    rng = np.random.default_rng(0)
+    top, w = 1.0 + 0.1 * rng.standard_normal(50), np.ones(50)
+    tight = np.zeros((20, 50)) + 0.01 * rng.standard_normal((20, 50))
+    wide = tight + rng.normal(0, 2.0, size=(20, 1))  # each random set shifts every example
+    p1, lo1, hi1 = rule.vs_random_interval(top, tight, w)
+    _, lo2, hi2 = rule.vs_random_interval(top, wide, w)
+    assert p1 == pytest.approx(top.mean() - tight.mean())
+    assert lo1 < p1 < hi1 and hi1 - lo1 < 0.1
+    assert hi2 - lo2 > 5 * (hi1 - lo1)  # resampling the sets, not only the examples
+    with pytest.raises(ValueError, match="random must be"):
+        rule.vs_random_interval(top, tight[:, :10], w)
 
 
 def _manifest(run: Path, command: str) -> None:
