@@ -287,6 +287,8 @@ def check_gate(run: str = "gate", held_out_seed: int = 1, n_held_out: int = 64) 
     from headlab.models.load import load_model
 
     ident, val = _identity(run), pd.read_csv(val_path)
+    if "split" in val.columns:  # headlab gate validates on its held-out split too
+        val = val[val["split"] == "fit"]
     model, tok = load_model(ident["model"])
     layout = describe(model)
     own, new = _task_examples(run, tok, n_held_out, held_out_seed)

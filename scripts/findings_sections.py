@@ -717,14 +717,18 @@ def render_gate() -> Rendered | None:
                                                              sort=False)  # fmt: skip
     means = by[["x", "weight"]].sum()
     means = (means["x"] / means["weight"]).unstack("examples")
+    if "split" in val.columns:  # the run's own held-out validation (its statistics split)
+        split = val[val["split"] == "heldout"].set_index(["group", "draw"])["effect"]
+        means["stats split"] = split.reindex(means.index).to_numpy()
     rows = []
     for group, g in means.groupby(level="group", sort=False):
         label = {
             "random": f"random sets of {k} (mean ± sd of {len(g)})",
             "facilitating-mask": "each mask's own top facilitating",
         }.get(group, group)
-        cells = [f"{s(g[c].mean())} ± {g[c].std(ddof=1):.2f}" if len(g) > 1 else s(g[c].iloc[0])
-                 for c in ("run", "held-out")]  # fmt: skip
+        cols = ["run", "held-out", *(["stats split"] if "stats split" in means else [])]
+        cells = ["—" if g[c].isna().all() else s(g[c].iloc[0]) if len(g) == 1 else
+                 f"{s(g[c].mean())} ± {g[c].std(ddof=1):.2f}" for c in cols]  # fmt: skip
         rows.append([label, *cells])
     claims, bad = _gate_claims(per, k, harm)
     v = combine([c.verdict for c in claims])
@@ -732,7 +736,9 @@ def render_gate() -> Rendered | None:
               "on the fitting sequences (the run's `validation.csv`, reproduced per sequence by "
               "`scripts/findings_checks.py`) and on held-out sequences of the task (a different "
               "seed, checked to share no sequence with the fitting ones):", "",
-              table(["heads zeroed", "fitting sequences", "held-out"], rows), "",
+              table(["heads zeroed", "fitting sequences", "held-out",
+                     *(["held-out: the run's statistics split"] if "stats split" in means else [])],
+                    rows), "",
               "The claims, on the held-out sequences only (the labels were fitted on the "
               "others):", "", claims_table(claims + ([bad] if bad else [])), "",
               "The mask-averaged labels and each mask's own labels must all beat the random sets: "

@@ -87,6 +87,9 @@ def test_gate_writes_tables_figures_and_fits(gate_run, capsys):
     assert len(curves) == 3 * 3 * 2  # fits x steps x masks
     val = pd.read_csv(gate_run / "validation.csv")
     assert {"facilitating", "random"} <= set(val["group"])
+    fit, held = (val[val["split"] == sp].reset_index(drop=True) for sp in ("fit", "heldout"))
+    assert len(fit) == len(held) and fit["heads"].tolist() == held["heads"].tolist()  # same sets
+    assert held["baseline"].nunique() == 1 and held["baseline"][0] != fit["baseline"][0]
     assert (val["n_heads"] <= 2).all() and (val["delta"] == val["value"] - val["baseline"]).all()
     for name in ("gate_plus.png", "gate_minus.png", "labels.png", "loss_curves.png"):
         assert (gate_run / name).stat().st_size > 1000

@@ -85,7 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "is pushed until its NLL exceeds the retain NLL by margin nats, then left alone",
     )
     v = p.add_argument_group("validation")
-    v.add_argument("--validate", action="store_true", help="ablate labelled vs random heads")
+    v.add_argument(
+        "--validate",
+        action="store_true",
+        help="ablate labelled vs random heads (CHG: on the fitting sequences and on the held-out "
+        "statistics split)",
+    )
     v.add_argument("--k", type=positive_int("--k"), default=5, help="heads per ablated group")
     v.add_argument(
         "--random", type=non_negative_int("--random"), default=5, help="random groups (seeds)"

@@ -6,7 +6,8 @@ Each fit is a part: :class:`~headlab.analyses.gates.CHGFitPart` ``zero``, then `
 :class:`~headlab.analyses.gates.ContrastPart`. A finished fit is saved as
 ``theta-<fit>.safetensors`` with its loss curve as ``parts/curve-<fit>.parquet`` (the contrastive
 fit also writes ``summary.csv``), so re-running the same command skips the finished fits; the head
-table, the held-out scores, the validation and the figures are recomputed on every run.
+table, the held-out scores, the validation (CHG: on the fitting sequences and on the held-out
+statistics split, column ``split``) and the figures are recomputed on every run.
 """
 
 from __future__ import annotations
@@ -272,11 +273,16 @@ def _chg(
     validation = None
     if checks is not None:
         if say:
-            say(f"validating: zeroing top-{checks.k} facilitating, interfering and random heads")
-        validation = validate_labels(
-            prepared.model, prepared.eval, table, k=checks.k, n_random=checks.n_random,
-            seed=prepared.inputs.seed, metric=checks.metric, layout=prepared.layout,
-            batch_size=ctx.batch_size,
+            say(f"validating: zeroing top-{checks.k} facilitating, interfering and random heads "
+                "on the fitting and the held-out sequences")  # fmt: skip
+        validation = pd.concat(
+            [validate_labels(
+                prepared.model, batch, table, k=checks.k, n_random=checks.n_random,
+                seed=prepared.inputs.seed, metric=checks.metric, layout=prepared.layout,
+                batch_size=ctx.batch_size,
+            ).assign(split=split) for split, batch in (("fit", prepared.eval),
+                                                       ("heldout", prepared.stats_batch))],
+            ignore_index=True,
         )  # fmt: skip
     counts = table["label"].value_counts().to_dict()
     labels = {str(a): int(b) for a, b in counts.items()}

@@ -146,8 +146,10 @@ def validate_contrast(
 
 
 def validation_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per group: ``group, n_draws, n_heads, effect`` (mean), ``effect_sd``, ``value``."""
-    out = results.groupby("group", sort=False).agg(
+    """One row per group: ``group, n_draws, n_heads, effect`` (mean), ``effect_sd``, ``value``;
+    results with a ``split`` column (``headlab gate``'s) get one row per split and group."""
+    keys = ["split", "group"] if "split" in results.columns else ["group"]
+    out = results.groupby(keys, sort=False).agg(
         n_draws=("draw", "size"),
         n_heads=("n_heads", "mean"),
         effect=("effect", "mean"),
