@@ -76,17 +76,9 @@ def synthetic_runs(root: Path, n_layers: int = 32, n_heads: int = 32, seed: int 
 
 def load_times(path: Path, repeats: int = 5) -> list[float]:
     """Seconds from navigation start to the first heatmap drawn, one per fresh load."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
+    from headlab.atlas.browser import headless_chromium
 
-    options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--proxy-server=127.0.0.1:9",
-                "--proxy-bypass-list=<-loopback>"):  # fmt: skip
-        options.add_argument(arg)
-    options.binary_location = "/usr/bin/chromium"
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = headless_chromium()
     times = []
     try:
         for _ in range(repeats):

@@ -420,17 +420,9 @@ def atlas() -> str:
 
 
 def _screenshot(page: Path, out: Path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
+    from headlab.atlas.browser import headless_chromium
 
-    options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--proxy-server=127.0.0.1:9",
-                "--proxy-bypass-list=<-loopback>"):  # fmt: skip
-        options.add_argument(arg)
-    options.binary_location = "/usr/bin/chromium"
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = headless_chromium()
     try:
         driver.get(page.resolve().as_uri())
         time.sleep(5)  # let the plots draw

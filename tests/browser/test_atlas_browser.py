@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -16,19 +15,14 @@ import pandas as pd
 import pytest
 from tiny_folder import make_model_folder
 
+from headlab.atlas.browser import headless_chromium, missing
 from headlab.cli.app import main
 
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 #: a prompt that would set a flag if any text from the runs reached the page as markup
 PROMPT = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=1</script> The cat'
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (dev extra)")
-if not (shutil.which(CHROMIUM) and shutil.which(DRIVER)):
-    pytest.skip(
-        "the browser tests need Debian's chromium and chromium-driver packages "
-        "(apt-get install -y chromium chromium-driver)",
-        allow_module_level=True,
-    )
+if (why := missing()) is not None:
+    pytest.skip(f"the browser tests cannot run: {why}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +44,7 @@ def atlas(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--proxy-server=127.0.0.1:9",
-                "--proxy-bypass-list=<-loopback>"):  # fmt: skip
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd(
-        "Network.emulateNetworkConditions",
-        {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0},
-    )
+    driver = headless_chromium(console_log=True, offline=True)
     yield driver
     driver.quit()
 

@@ -270,3 +270,12 @@ def test_demo_ends_with_the_atlas_of_the_default_model(tmp_path, capsys):
     table = pd.read_parquet(out / "results.parquet")
     z = find_map(data, "demo", "zero / ce")["figure"]["data"][0]["z"]
     assert all(z[r.layer][r.head] == r.delta for r in table.itertuples())
+
+
+def test_headless_browser_names_what_is_missing(monkeypatch):
+    from headlab.atlas import browser
+
+    monkeypatch.setattr(browser, "DRIVER", "/nonexistent/chromedriver")
+    assert "apt-get install -y chromium chromium-driver" in browser.missing()
+    with pytest.raises(ConfigError, match=r"cannot start a headless browser: .*chromium-driver"):
+        browser.headless_chromium()
