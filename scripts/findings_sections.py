@@ -701,10 +701,10 @@ def render_gate() -> Rendered | None:
     lines = [
         figure("gate/labels.png", "gate_labels_smollm2.png", "CHG labels") + command("gate"),
         "",
-        f"Labels (mask-averaged gates, threshold 0.5): {counts.get('facilitating', 0)} "
-        f"facilitating, {counts.get('irrelevant', 0)} irrelevant, {counts.get('interfering', 0)} "
-        f"interfering; a head's label is shared by the masks' own labels at a mean rate of "
-        f"{heads['agreement'].mean():.2f}.",
+        "Labels (mask-averaged gates, threshold 0.5): "
+        + ", ".join(f"{n} {label}" for label, n in counts.items())
+        + "; a head's label is shared by the masks' own labels at a mean rate of "
+        f"{heads['agreement'].mean():.2f} (unstable: G⁺ below and G⁻ above the threshold).",
         "",
         _gate_nll(),
     ]
