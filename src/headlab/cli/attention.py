@@ -14,11 +14,10 @@ from headlab.cli.common import (
     add_stats_args,
     csv_list,
     data_kwargs,
-    executor_kwargs,
     int_list,
+    job_kwargs,
     parse_heads,
     positive_int,
-    status,
 )
 
 NAME = "attention"
@@ -100,10 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from headlab.jobs.attention import run_attention
-    from headlab.jobs.base import command_line
 
     result = run_attention(
-        out=args.out,
+        **job_kwargs(args),
         **data_kwargs(args),
         prompt=args.prompt,
         heads=parse_heads(args.heads),
@@ -119,12 +117,6 @@ def run(args: argparse.Namespace) -> int:
         top=args.top,
         bins=args.bins,
         reservoir=args.reservoir,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
     )
     if result.patterns is not None:
         print_patterns(result, parse_heads(args.heads) or [])

@@ -12,10 +12,9 @@ from headlab.cli.common import (
     add_run_args,
     add_stats_args,
     data_kwargs,
-    executor_kwargs,
+    job_kwargs,
     parse_heads,
     positive_int,
-    status,
 )
 
 NAME = "cascade"
@@ -61,11 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.cascade import run_cascade
 
     result = run_cascade(
-        out=args.out,
+        **job_kwargs(args),
         **data_kwargs(args),
         method=args.method,
         metric=args.metric,
@@ -76,12 +74,6 @@ def run(args: argparse.Namespace) -> int:
         off_target=args.off_target,
         bins=args.bins,
         reservoir=args.reservoir,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
     )
     _print(result.table, result.backups)
     print(f"\nrun directory: {result.run_dir.path}")

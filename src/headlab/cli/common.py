@@ -229,6 +229,23 @@ def executor_kwargs(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def job_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """What every job twin takes from the run and executor options: ``out``, ``batch_size``,
+    ``force``, the executor's settings, ``progress`` (off with ``--quiet``), ``on_status`` and
+    the ``command`` line its manifest records."""
+    from headlab.jobs.base import command_line
+
+    return {
+        "out": args.out,
+        "batch_size": args.batch_size,
+        "force": args.force,
+        **executor_kwargs(args),
+        "progress": not args.quiet,
+        "on_status": status(args),
+        "command": command_line(),
+    }
+
+
 def non_negative_float(option: str) -> Callable[[str], float]:
     """An argparse ``type`` for a number >= 0 (``--gpus-per-worker``)."""
 

@@ -14,10 +14,9 @@ from headlab.cli.common import (
     add_stats_args,
     csv_list,
     data_kwargs,
-    executor_kwargs,
+    job_kwargs,
     non_negative_int,
     positive_int,
-    status,
 )
 
 NAME = "compare"
@@ -100,11 +99,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.compare import run_compare
 
     result = run_compare(
-        out=args.out,
+        **job_kwargs(args),
         methods=csv_list(args.methods),
         measures=csv_list(args.measures),
         metric=args.metric,
@@ -118,12 +116,6 @@ def run(args: argparse.Namespace) -> int:
         off_target=args.off_target,
         bins=args.bins,
         reservoir=args.reservoir,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
         **data_kwargs(args),
     )
     print_summary(result)

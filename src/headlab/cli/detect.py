@@ -11,9 +11,8 @@ from headlab.cli.common import (
     add_run_args,
     csv_list,
     data_kwargs,
-    executor_kwargs,
+    job_kwargs,
     positive_int,
-    status,
 )
 
 NAME = "detect"
@@ -49,11 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.detect import run_detect
 
     result = run_detect(
-        out=args.out,
+        **job_kwargs(args),
         **data_kwargs(args),
         detectors=csv_list(args.detector),
         measure=args.measure,
@@ -61,12 +59,6 @@ def run(args: argparse.Namespace) -> int:
         exclude_current_token=args.exclude_current_token,
         threshold=args.threshold,
         top=args.top,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
     )
     print_summary(result)
     return 0

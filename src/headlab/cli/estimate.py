@@ -13,10 +13,9 @@ from headlab.cli.common import (
     add_run_args,
     csv_list,
     data_kwargs,
-    executor_kwargs,
+    job_kwargs,
     non_negative_int,
     positive_int,
-    status,
 )
 from headlab.defaults import DEFAULT_BINS
 
@@ -85,24 +84,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.estimate import run_estimate
 
     result = run_estimate(
-        out=args.out,
+        **job_kwargs(args),
         methods=csv_list(args.method),
         metrics=csv_list(args.metric) if args.metric else None,
         exact_top=args.exact_top,
         n_random=args.n_random,
         rollout_sources=args.rollout_sources,
         bins=args.bins,
-        batch_size=args.batch_size,
-        force=args.force,
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
         **data_kwargs(args),
-        **executor_kwargs(args),
     )
     print_summary(result, args.top)
     return 0

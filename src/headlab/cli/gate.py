@@ -14,10 +14,9 @@ from headlab.cli.common import (
     add_model_args,
     add_run_args,
     data_kwargs,
-    executor_kwargs,
+    job_kwargs,
     non_negative_int,
     positive_int,
-    status,
 )
 
 NAME = "gate"
@@ -101,11 +100,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.gate import run_gate
 
     result = run_gate(
-        out=args.out,
+        **job_kwargs(args),
         **data_kwargs(args),
         steps=args.steps,
         reg_steps=args.reg_steps,
@@ -121,12 +119,6 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         n_random=args.random,
         metric=args.metric,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
     )
     print_summary(result)
     return 0

@@ -14,9 +14,8 @@ from headlab.cli.common import (
     add_run_args,
     csv_list,
     data_kwargs,
-    executor_kwargs,
+    job_kwargs,
     positive_int,
-    status,
 )
 
 NAME = "l0"
@@ -70,23 +69,16 @@ def parse_lams(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.l0 import run_l0
 
     result = run_l0(
-        out=args.out,
+        **job_kwargs(args),
         **data_kwargs(args),
         lams=parse_lams(args.lam),
         steps=args.steps,
         lr=args.lr,
         samples=args.samples,
         metric=args.metric,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
     )
     print_summary(result)
     return 0

@@ -12,10 +12,9 @@ from headlab.cli.common import (
     add_stats_args,
     csv_list,
     data_kwargs,
-    executor_kwargs,
     float_list,
     int_list,
-    status,
+    job_kwargs,
 )
 
 NAME = "prune"
@@ -69,11 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.prune import run_prune
 
     result = run_prune(
-        out=args.out,
+        **job_kwargs(args),
         **data_kwargs(args),
         unit=args.unit,
         methods=csv_list(args.method),
@@ -86,12 +84,6 @@ def run(args: argparse.Namespace) -> int:
         sweep=args.sweep,
         bins=args.bins,
         reservoir=args.reservoir,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
     )
     print_removable(result.removable)
     print(f"\nrun directory: {result.run_dir.path}")

@@ -13,10 +13,9 @@ from headlab.cli.common import (
     add_stats_args,
     csv_list,
     data_kwargs,
-    executor_kwargs,
+    job_kwargs,
     parse_heads,
     positive_int,
-    status,
 )
 
 NAME = "shift"
@@ -52,11 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.shift import run_shift
 
     result = run_shift(
-        out=args.out,
+        **job_kwargs(args),
         **data_kwargs(args),
         methods=csv_list(args.method),
         top_k=args.top_k,
@@ -67,12 +65,6 @@ def run(args: argparse.Namespace) -> int:
         skip_first=args.skip_first,
         bins=args.bins,
         reservoir=args.reservoir,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
     )
     _print(result.table)
     print(f"\nrun directory: {result.run_dir.path}")

@@ -15,12 +15,11 @@ from headlab.cli.common import (
     add_executor_args,
     add_model_args,
     add_run_args,
-    executor_kwargs,
     float_list,
+    job_kwargs,
     non_negative_int,
     parse_heads,
     positive_int,
-    status,
 )
 
 NAME = "steer"
@@ -161,7 +160,6 @@ def _lines(path: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from headlab.errors import ConfigError
-    from headlab.jobs.base import command_line
     from headlab.jobs.steer import run_steer
 
     for opt in ("prompts", "select_prompts"):
@@ -170,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{opt.replace('_', '-')} {path}: no such file (one prompt a line)")
     none = {"none", ""}
     res = run_steer(
-        out=args.out,
+        **job_kwargs(args),
         concept=args.concept,
         prompts=_lines(args.prompts),
         select_prompts=_lines(args.select_prompts),
@@ -203,12 +201,6 @@ def run(args: argparse.Namespace) -> int:
         device_map=args.device_map,
         max_memory=args.max_memory,
         offload_folder=args.offload_folder,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
     )
     _print(res)
     print(f"\nrun directory: {res.run_dir.path}")

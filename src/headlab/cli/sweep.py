@@ -12,11 +12,10 @@ from headlab.cli.common import (
     add_run_args,
     csv_list,
     data_kwargs,
-    executor_kwargs,
+    job_kwargs,
     non_negative_int,
     parse_heads,
     positive_int,
-    status,
 )
 from headlab.defaults import DEFAULT_BINS
 
@@ -140,22 +139,15 @@ _at_least_one = _number("--range-factor", lambda v: 1 <= v < float("inf"), "a nu
 
 
 def run(args: argparse.Namespace) -> int:
-    from headlab.jobs.base import command_line
     from headlab.jobs.sweep import run_sweep
 
     result = run_sweep(
-        out=args.out,
+        **job_kwargs(args),
         methods=csv_list(args.method),
         metrics=csv_list(args.metric) if args.metric else None,
         heads=parse_heads(args.heads),
         bins=args.bins,
         reservoir=args.reservoir,
-        batch_size=args.batch_size,
-        force=args.force,
-        **executor_kwargs(args),
-        progress=not args.quiet,
-        on_status=status(args),
-        command=command_line(),
         top_k=args.top_k,
         confidence=args.confidence,
         direction=args.direction,
