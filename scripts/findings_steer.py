@@ -153,13 +153,11 @@ def steps(runs: Path, inputs: str) -> list[Step]:
 
 def word_counts(gens: pd.DataFrame, words: list[str]) -> pd.DataFrame:
     """``gens`` with ``hits`` (concept words) and ``words`` (all words) per sample, counted by
-    headlab's own :func:`concept_rate` (whose pooled rate is hits / words)."""
-    from headlab.analyses.steer.concepts import concept_rate
+    headlab's own :func:`concept_counts` (the counts behind the run's ``concept_rate``)."""
+    from headlab.analyses.steer.concepts import concept_counts
 
-    counts = [concept_rate([t], words)[1:] for t in gens["text"]]
-    n = [c[1] for c in counts]
-    hits = [round(c[0][0] * k) if k else 0 for c, k in zip(counts, n, strict=True)]
-    return gens.assign(hits=hits, words=n)
+    counts = concept_counts(list(gens["text"]), words)
+    return gens.assign(hits=[k for k, _ in counts], words=[n for _, n in counts])
 
 
 def _per_prompt(gens: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -33,6 +33,7 @@ __all__ = [
     "CONCEPTS",
     "Concept",
     "ConceptTokens",
+    "concept_counts",
     "concept_rate",
     "concept_tokens",
     "get_concept",
@@ -297,19 +298,24 @@ def concept_tokens(tokenizer: Any, words: Sequence[str], *, multi: str = "first"
     return ConceptTokens(table, ids, tuple(missing))
 
 
+def concept_counts(texts: Sequence[str], words: Sequence[str]) -> list[tuple[int, int]]:
+    """Per text: ``(concept words, all words)``, a word being a run of letters or one digit,
+    matched case-insensitively against ``words``."""
+    vocab = {w.lower() for w in words}
+    out = []
+    for text in texts:
+        found = [w.lower() for w in _WORD.findall(text)]
+        out.append((sum(w in vocab for w in found), len(found)))
+    return out
+
+
 def concept_rate(texts: Sequence[str], words: Sequence[str]) -> tuple[float, list[float], int]:
     """Concept frequency of generated ``texts``: ``(pooled rate, per-text rates, total words)``.
 
     The pooled rate is concept words / all words over every text (NaN if no words at all); a
-    text with no words has rate NaN.
+    text with no words has rate NaN. The counts are :func:`concept_counts`.
     """
-    vocab = {w.lower() for w in words}
-    hits = total = 0
-    per: list[float] = []
-    for text in texts:
-        found = [w.lower() for w in _WORD.findall(text)]
-        k = sum(w in vocab for w in found)
-        per.append(k / len(found) if found else float("nan"))
-        hits += k
-        total += len(found)
+    counts = concept_counts(texts, words)
+    hits, total = sum(k for k, _ in counts), sum(n for _, n in counts)
+    per = [k / n if n else float("nan") for k, n in counts]
     return (hits / total if total else float("nan")), per, total
