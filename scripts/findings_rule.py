@@ -28,6 +28,7 @@ __all__ = [
     "Claim",
     "bootstrap_interval",
     "combine",
+    "mean_interval",
     "t_interval",
     "verdict",
     "vs_random_interval",
@@ -82,6 +83,13 @@ def bootstrap_interval(
     boot = np.array([statistic(c) for c in counts])
     low, high = bc_interval(boot, point, level)
     return point, low, high
+
+
+def mean_interval(values: np.ndarray, weights: np.ndarray) -> tuple[float, float, float]:
+    """``(point, low, high)`` of the ``weights``-weighted mean of per-example ``values``
+    (:func:`bootstrap_interval` over the examples)."""
+    v, w = np.asarray(values, dtype=float), np.asarray(weights, dtype=float)
+    return bootstrap_interval(lambda c: float((c * w) @ v / (c * w).sum()), v.size)
 
 
 def vs_random_interval(

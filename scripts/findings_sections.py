@@ -14,7 +14,14 @@ from pathlib import Path
 import findings_steer
 import numpy as np
 import pandas as pd
-from findings_rule import Claim, bootstrap_interval, combine, t_interval, vs_random_interval
+from findings_rule import (
+    Claim,
+    bootstrap_interval,
+    combine,
+    mean_interval,
+    t_interval,
+    vs_random_interval,
+)
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "findings"
 
@@ -523,7 +530,7 @@ def _backup_claims() -> list[Claim]:
                                           sort=False):  # fmt: skip
         w = g["weight"].to_numpy()
         rise = (g["effect_after"] - g["effect_before"] - share * g["trigger_effect"]).to_numpy()
-        est = bootstrap_interval(lambda c, r=rise, w=w: float(c * w @ r / (c * w).sum()), len(g))
+        est = mean_interval(rise, w)
         out.append(Claim(f"L{ly}.H{h}: rise − {share:g} × effect of L{tl}.H{th}", est, 0, ">",
                          replicates=f"bootstrap over {len(g)} held-out examples"))  # fmt: skip
     return out
@@ -685,7 +692,7 @@ def _gate_claims(per: pd.DataFrame, k: int, harm: str) -> tuple[list[Claim], Cla
     bad = None
     if (held["group"] == "interfering").any():
         e, w = top("interfering")
-        est = bootstrap_interval(lambda c, e=e, w=w: float(c * w @ e / (c * w).sum()), len(e))
+        est = mean_interval(e, w)
         bad = Claim(f"interfering heads (at most {k}) zeroed: {harm}", est, 0, "<",
                     replicates=f"bootstrap over {n} held-out sequences")  # fmt: skip
     return claims, bad
